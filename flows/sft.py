@@ -1,0 +1,120 @@
+"""The fine-tune as one Prefect flow: seven cached stages, top to bottom.
+
+    authenticate → download & subset → format → train → evaluate → save adapter → generate
+
+Each stage is a task in ``tasks/`` that takes the config sections it reads and its upstream artifacts
+(path + fingerprint) and returns its own artifact; its cache key is built from exactly those, so a rerun skips
+every finished stage and ``--set lora.r=4`` re-runs only train → generate.
+
+Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from sft_pipeline import secrets
+from sft_pipeline.caching import bind_store
+from sft_pipeline.config import PipelineConfig, load_config
+from sft_pipeline.models import describe, model_fingerprint
+from sft_pipeline.store import ArtifactRef, Store, default_store
+from tasks.authenticate import authenticate
+from tasks.download import download_data, source_fingerprint
+from tasks.evaluate import evaluate
+from tasks.format import format_chats
+from tasks.generate import generate
+from tasks.save_adapter import save_adapter
+from tasks.train import train
+
+
+class StageRunner:
+    """Runs stages in order on one store and records each one's state, seconds and artifact for the summary."""
+
+    def __init__(self, store: Store, cfg: PipelineConfig, summary_path: str | None):
+        self.store, self.cfg, self.summary_path = store, cfg, summary_path
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, stage, **inputs) -> ArtifactRef:
+        t0 = time.perf_counter()
+        state = bind_store(stage, self.store.root)(store=str(self.store.root), **inputs, return_state=True)
+        record = {"state": state.name, "seconds": round(time.perf_counter() - t0, 2)}
+        self.stages[stage.name] = record
+        if not state.is_completed():
+            record["state"] = "Failed"
+            try:
+                state.result()
+            except BaseException as exc:  # noqa: BLE001 - reported in the summary, then re-raised
+                record["error"] = f"{type(exc).__name__}: {exc}"
+                self.write_summary(failed=stage.name)
+                raise
+        ref: ArtifactRef = state.result()
+        record["artifact"] = ref.path
+        return ref
+
+    def write_summary(self, failed: str | None = None, **extra) -> dict:
+        summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
+                   "status": "Failed" if failed else "Completed", "stages": self.stages, **extra}
+        runs = self.store.root / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        paths = [runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"]
+        if self.summary_path:
+            paths.append(Path(self.summary_path))
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+
+@flow(name="sft-pipeline")
+def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
+        summary_json: str | None = None) -> dict:
+    """Fine-tune a causal LM with QLoRA: seven cached stages.
+
+    Args:
+        recipe: a recipe name (tiny, mistral-7b-qlora, zephyr-7b-qlora) or a path to a recipe YAML.
+        overrides: ``section.key=value`` items applied on top of the recipe, e.g. ``lora.r=4``.
+        store: the artifact store directory (default ``$SFT_PIPELINE_STORE`` or ``~/.cache/sft-pipeline``).
+        summary_json: also write the run summary to this path.
+    """
+    cfg = load_config(recipe, overrides or [])
+    st = Store(store or default_store())
+    st.clean_tmp()
+    run = StageRunner(st, cfg, summary_json)
+    base = model_fingerprint(cfg.model)
+    found = {"hf_token": secrets.resolve(cfg.auth.hf_token_env, cfg.auth.hf_token_block)[1],
+             "wandb_key": secrets.resolve(cfg.auth.wandb_key_env, cfg.auth.wandb_key_block)[1]
+             if cfg.tracking.backend == "wandb" else None}
+    splits = [cfg.data.train_split, cfg.data.test_split]
+
+    auth = run(authenticate, auth=cfg.auth, model=cfg.model, data=cfg.data, tracking=cfg.tracking, found=found)
+    data = run(download_data, data=cfg.data, source=source_fingerprint(cfg.data), auth=auth)
+    chats = run(format_chats, data=data, splits=splits, model=cfg.model, base=base, fmt=cfg.format, auth=auth)
+    tuned = run(train, chats=chats, train_split=splits[0], test_split=splits[1], model=cfg.model, base=base,
+                model_settings={"attn_implementation": cfg.model.attn_implementation},
+                quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
+                max_length=cfg.format.max_length, auth=auth, tracking=cfg.tracking)
+    metrics = run(evaluate, tuned=tuned, chats=chats, test_split=splits[1], model=cfg.model, base=base,
+                  quantization=cfg.quantization, evaluation=cfg.evaluation,
+                  training=cfg.training, auth=auth)
+    adapter = run(save_adapter, tuned=tuned, metrics=metrics, chats=chats, model=cfg.model, base=base,
+                  quantization=cfg.quantization, training=cfg.training, dataset=cfg.data.dataset,
+                  recipe=cfg.recipe, auth=auth)
+    samples = run(generate, adapter=adapter, model=cfg.model, base=base, quantization=cfg.quantization,
+                  generation=cfg.generation, training=cfg.training, auth=auth)
+
+    summary = run.write_summary(eval=metrics.read_json("metrics.json"), adapter=adapter.path,
+                                samples=samples.file("samples.json").as_posix(),
+                                train=tuned.read_json("train_metrics.json"))
+    get_run_logger().info("adapter: %s", adapter.path)
+    return summary
+
+
+if __name__ == "__main__":
+    from sft_pipeline.cli import main
+
+    main()

@@ -1,0 +1,276 @@
+"""One typed config for the whole pipeline, one section per stage.
+
+A recipe is a YAML file with these sections (see ``sft_pipeline/recipes/``); ``--set section.key=value``
+overrides any field. Every stage reads only its own sections, and its cache key is built from exactly those
+(see ``flows/sft.py``), so changing ``lora.r`` re-runs training but not the download or tokenization.
+
+Secrets are never config values: ``auth`` names where they are read from (env variables / Prefect Secret blocks).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override: reported as one clear message, exit code 2, before any stage runs."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+class AuthConfig(Section):
+    """Where secrets come from. Only names travel; values are read where they are used."""
+
+    hf_token_env: str = "HF_TOKEN"
+    hf_token_block: str = Field("hf-token", description="Prefect Secret block holding the Hugging Face token")
+    wandb_key_env: str = "WANDB_API_KEY"
+    wandb_key_block: str = Field("wandb-api-key", description="Prefect Secret block holding the W&B API key")
+
+
+class ModelConfig(Section):
+    source: Literal["hub", "local", "build"] = "hub"
+    name: str = Field("mistralai/Mistral-7B-v0.1", description="hub id, local directory, or architecture to build")
+    revision: str = "main"
+    requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # only for source=build: architecture overrides on top of the named preset (`tiny-mistral`, `mistral-7b`)
+    build: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_build(self):
+        if self.source == "build":
+            from sft_pipeline.models import ARCHITECTURES
+
+            if self.name not in ARCHITECTURES:
+                raise ValueError(f"model.name must be one of {sorted(ARCHITECTURES)} when model.source=build, "
+                                 f"got {self.name!r}")
+        return self
+
+
+class Subset(Section):
+    """How many rows of a split to keep: a fraction (0 < f <= 1) or a count; neither keeps all."""
+
+    fraction: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("give subset.fraction or subset.count, not both")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["hub", "local", "synthetic"] = "hub"
+    dataset: str = Field("HuggingFaceH4/ultrachat_200k", description="hub id, or a local file/dir for source=local")
+    revision: str | None = None
+    format: Literal["auto", "parquet", "json"] = Field("auto", description="file type for source=local")
+    train_split: str = "train_sft"
+    test_split: str = "test_sft"
+    train_subset: Subset = Field(default_factory=Subset)
+    test_subset: Subset = Field(default_factory=Subset)
+    selection: Literal["first", "shuffle"] = "first"
+    seed: int = 42
+    max_invalid_share: float = Field(0.05, ge=0, le=1, description="fail when more rows than this are invalid")
+    # only for source=synthetic
+    synthetic_train_rows: int = Field(1200, gt=0)
+    synthetic_test_rows: int = Field(100, gt=0)
+
+
+class FormatConfig(Section):
+    chat_template: Literal["auto", "zephyr"] = Field("auto", description="auto: the tokenizer's own, else Zephyr")
+    system_message: str | None = Field("", description="inserted where a conversation has none; null: never")
+    max_length: int = Field(2048, ge=16)
+    assistant_only_loss: bool = False
+
+
+class LoraSection(Section):
+    r: int = Field(64, ge=1, le=4096)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = Field(default_factory=list)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class TrainingConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(128, ge=1)
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = "adamw_torch"
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    eval_strategy: Literal["no", "epoch", "steps"] = "no"
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
+    save_minutes: float | None = Field(30, gt=0, description="also checkpoint every M minutes of training")
+    save_total_limit: int = Field(2, ge=1, description="keep the last K checkpoints")
+    use_liger_kernel: bool = False
+
+
+class EvaluationConfig(Section):
+    batch_size: int = Field(4, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="cap on test rows evaluated (None: all)")
+
+
+DEFAULT_PROMPTS = [
+    [
+        {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"},
+        {"role": "user", "content": "How many helicopters can a human eat in one sitting?"},
+    ]
+]
+
+
+class GenerationConfig(Section):
+    prompts: list[list[dict[str, str]]] = Field(default_factory=lambda: [list(p) for p in DEFAULT_PROMPTS])
+    max_new_tokens: int = Field(128, ge=1)
+    do_sample: bool = True
+    temperature: float = Field(0.7, gt=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 42
+
+
+class TrackingConfig(Section):
+    backend: Literal["none", "wandb"] = "none"
+    project: str = "sft-pipeline"
+    run_name: str | None = None
+    mode: Literal["auto", "online", "offline"] = Field("auto", description="auto: online with a key, else offline")
+
+
+class PipelineConfig(Section):
+    """The whole fine-tune, one section per stage."""
+
+    recipe: str = "custom"
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        path = Path(recipe).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(recipe, recipe_names(), n=1)
+        raise ConfigError(f"unknown recipe {recipe!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; known recipes: {', '.join(recipe_names())}, or a path to a .yaml file")
+    return path
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys or not re.fullmatch(r"[A-Za-z0-9_.]+", dotted.strip()):
+        raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The allowed keys at a location, for 'did you mean'."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        field = ".".join(str(p) for p in loc) or "(config)"
+        if e["type"] == "extra_forbidden":
+            allowed = _field_names(PipelineConfig, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key {field!r}" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint else "")
+            if allowed:
+                msg += f"; allowed: {', '.join(allowed)}"
+        else:
+            msg = f"{field}: {e['msg']}"
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a recipe (name or path), apply ``section.key=value`` overrides, validate. Raises ConfigError."""
+    path = recipe_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("recipe", path.stem)
+    data = apply_overrides(data, list(overrides or []))
+    return validate_config(data)
+
+
+def validate_config(data: dict) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

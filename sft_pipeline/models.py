@@ -1,0 +1,205 @@
+"""Where the base model and tokenizer come from: the hub, a local directory, or an architecture built here.
+
+``source=build`` makes a model with **random weights** from a named architecture (``tiny-mistral`` for the
+offline default, ``mistral-7b`` = ``MistralConfig()`` for speed work on a GPU with no hub). Such a model is saved
+once into the store (``models/<fingerprint>/``) with a README that says it is untrained, and every stage that uses
+it records ``random_weights: true``.
+
+Heavy imports (torch, transformers) happen inside functions so that a fully cached run never pays for them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sft_pipeline.store import Store, digest
+
+BUILDER_VERSION = 1
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # small enough for a 2-core CPU, big enough to learn the synthetic chat set; 4-bit needs dims divisible by 64
+    "tiny-mistral": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096, sliding_window=None,
+                         tie_word_embeddings=False, vocab_size=32000),
+    "mistral-7b": {},  # MistralConfig() defaults are Mistral-7B-v0.1
+}
+
+# Zephyr's chat format (alignment-handbook), with BOS and {% generation %} marks so that assistant-only loss works.
+ZEPHYR_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+class ModelSourceError(RuntimeError):
+    """The base model cannot be had (offline, gated without a token, bad path): not retried."""
+
+
+def model_fingerprint(model_cfg) -> str:
+    """Identify the base model without loading it (cheap: used in cache keys)."""
+    if model_cfg.source == "hub":
+        return digest({"hub": model_cfg.name, "revision": model_cfg.revision})
+    if model_cfg.source == "local":
+        root = Path(model_cfg.name).expanduser()
+        if not root.is_dir():
+            raise ModelSourceError(f"model.name: local model directory not found: {root}")
+        files = {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()}
+        cfg = (root / "config.json").read_text() if (root / "config.json").is_file() else ""
+        return digest({"local": str(root.resolve()), "files": files, "config": cfg})
+    return digest({"build": model_cfg.name, "over": model_cfg.build, "v": BUILDER_VERSION})
+
+
+def base_model_path(model_cfg, store: Store, token: str | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` accepts. Builds the model once for ``source=build``."""
+    if model_cfg.source == "hub":
+        return model_cfg.name
+    if model_cfg.source == "local":
+        return str(Path(model_cfg.name).expanduser().resolve())
+    key = model_fingerprint(model_cfg)
+    ref = store.ref("models", key)
+    if ref is None:
+        _build(model_cfg, store, key)
+        ref = store.ref("models", key)
+    return ref.path
+
+
+def is_random(model_cfg) -> bool:
+    return model_cfg.source == "build"
+
+
+def _build(model_cfg, store: Store, key: str) -> None:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    arch = {**ARCHITECTURES[model_cfg.name], **model_cfg.build}
+    config = MistralConfig(**arch)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() and model_cfg.name != "tiny-mistral" else "cpu"
+    with torch.device(device):
+        model = MistralForCausalLM(config)
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+    tok = build_tokenizer()
+    with store.write("models", key, inputs={"architecture": model_cfg.name, "overrides": model_cfg.build,
+                                            "random_weights": True}) as tmp:
+        model.save_pretrained(tmp, max_shard_size="20GB")
+        tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            f"# {model_cfg.name} (random weights)\n\nBuilt by sft-pipeline from `MistralConfig({json.dumps(arch)})`"
+            " with **random weights**: not a pretrained model. For offline tests and speed work only.\n")
+    del model
+
+
+def build_tokenizer():
+    """The Mistral v1 tokenizer (32,000 SentencePiece tokens) shipped inside the mistral-common package."""
+    import mistral_common
+    from transformers import LlamaTokenizer
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise ModelSourceError(f"mistral-common does not ship {path.name}; reinstall mistral-common")
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(path, Path(d) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(d, legacy=False)
+    tok.pad_token = tok.unk_token
+    tok.chat_template = ZEPHYR_TEMPLATE
+    return tok
+
+
+def load_tokenizer(path: str, model_cfg, chat_template: str = "auto", token: str | None = None):
+    """The tokenizer with a chat template (its own with chat_template=auto, else Zephyr's) and a pad token."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": model_cfg.revision, "token": token} if model_cfg.source == "hub" else {}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if chat_template == "zephyr" or not getattr(tok, "chat_template", None):
+        tok.chat_template = ZEPHYR_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def hub_kwargs(model_cfg, token: str | None) -> dict:
+    return {"revision": model_cfg.revision, "token": token} if model_cfg.source == "hub" else {}
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------------- loading for stages
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("training.device=cuda but no CUDA device is available (allowed: auto, cpu, cuda)")
+    return device
+
+
+def compute_dtype(quant_cfg, device: str):
+    import torch
+
+    if quant_cfg.compute_dtype != "auto":
+        return getattr(torch, quant_cfg.compute_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attn_implementation(model_cfg, device: str) -> str:
+    if model_cfg.attn_implementation != "auto":
+        return model_cfg.attn_implementation
+    if device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None):
+    """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(quant_cfg, device)
+    quant = None
+    if quant_cfg.load_in_4bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
+                                   bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
+            attn_implementation=attn_implementation(model_cfg, device), **hub_kwargs(model_cfg, token))
+    except (OSError, EnvironmentError) as e:
+        if model_cfg.source == "hub":
+            from sft_pipeline.hub import explain_hub_error
+
+            raise explain_hub_error(e, f"model {model_cfg.name!r}") from e
+        raise
+
+
+def describe(model_cfg) -> str:
+    return f"{model_cfg.name} (random weights, built from a config)" if is_random(model_cfg) else model_cfg.name
+
+
+def load_tuned(base_path: str, adapter_dir: str | Path, model_cfg, quant_cfg, device: str, token: str | None = None):
+    """The base model with the trained LoRA adapter on top, in eval mode."""
+    from peft import PeftModel
+
+    base = load_model(base_path, model_cfg, quant_cfg, device, token)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -1,0 +1,149 @@
+"""Stage 2 — download & subset: the chat data set as parquet, validated, with row counts.
+
+Sources: the hub (``datasets.load_dataset(id, revision=...)``), local parquet/jsonl files, or the built-in
+synthetic set. Each split is subset by fraction or count (first rows, or a seeded shuffle), each row is checked
+against the chat schema, and invalid rows are dropped and counted per reason; above ``data.max_invalid_share``
+the stage fails, naming the first bad rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from sft_pipeline.caching import StageFailure, current_key, stage_task
+from sft_pipeline.config import DataConfig, Subset
+from sft_pipeline.store import ArtifactRef, Store, digest, file_sha256
+
+ROLES = ("system", "user", "assistant")
+
+
+def source_fingerprint(data: DataConfig) -> str:
+    """What identifies the data's content before downloading: revision, or the hash of local files' bytes."""
+    if data.source == "hub":
+        return digest({"hub": data.dataset, "revision": data.revision})
+    if data.source == "synthetic":
+        from sft_pipeline import synthetic
+
+        return digest({"synthetic": synthetic.VERSION})
+    return digest({p: file_sha256(Path(p)) for p in _local_files(data)})
+
+
+def _local_files(data: DataConfig) -> list[str]:
+    root = Path(data.dataset).expanduser()
+    if root.is_file():
+        return [str(root.resolve())]
+    if not root.is_dir():
+        raise StageFailure(f"data.dataset: local path not found: {root}")
+    files = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+    if not files:
+        raise StageFailure(f"data.dataset: no .parquet/.jsonl/.json files under {root}")
+    return files
+
+
+def row_problem(messages) -> str | None:
+    """Why a row breaks the chat schema, or None when it is fine."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return "messages is not a non-empty list"
+    expected = "user"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) < {"role", "content"}:
+            return "a message is not a {role, content} mapping"
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            return f"unknown role {role!r}"
+        if not isinstance(content, str) or not content.strip():
+            return "empty or non-string content"
+        if role == "system":
+            if i != 0:
+                return "system message not first"
+            continue
+        if role != expected:
+            return "user/assistant turns do not alternate"
+        expected = "assistant" if role == "user" else "user"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    return None
+
+
+def _subset(ds, subset: Subset, selection: str, seed: int):
+    n = len(ds)
+    if subset.count is not None:
+        k = min(subset.count, n)
+    elif subset.fraction is not None:
+        k = max(1, int(n * subset.fraction))
+    else:
+        k = n
+    if selection == "shuffle":
+        ds = ds.shuffle(seed=seed)
+    return ds.select(range(k))
+
+
+def _load(data: DataConfig, token: str | None):
+    """A DatasetDict with the two configured splits."""
+    import datasets
+
+    if data.source == "hub":
+        try:
+            return datasets.load_dataset(data.dataset, revision=data.revision, token=token,
+                                         split=None), data.dataset
+        except Exception as e:
+            from sft_pipeline.hub import explain_hub_error
+
+            raise explain_hub_error(e, f"data set {data.dataset!r}") from e
+    if data.source == "synthetic":
+        from sft_pipeline import synthetic
+
+        rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed)
+        return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}), "synthetic"
+    files = _local_files(data)
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        name = Path(f).stem
+        split = next((s for s in (data.train_split, data.test_split) if name == s or name.startswith(s + "-")
+                      or Path(f).parent.name == s), None)
+        if split:
+            by_split.setdefault(split, []).append(f)
+    fmt = data.format if data.format != "auto" else ("parquet" if files[0].endswith(".parquet") else "json")
+    if not by_split:
+        raise StageFailure(f"data.dataset: no files named after the splits {data.train_split!r}/{data.test_split!r} "
+                           f"under {data.dataset} (e.g. {data.train_split}.parquet or {data.train_split}/*.parquet)")
+    return datasets.load_dataset(fmt, data_files=by_split), data.dataset
+
+
+@stage_task("data", retries=2, ignore=("auth",))
+def download_data(store: str, data: DataConfig, source: str, auth: ArtifactRef) -> ArtifactRef:
+    """Download (or generate) the chat data, subset and validate it, and save each split as parquet."""
+    from sft_pipeline.secrets import hf_token_for
+
+    dsd, origin = _load(data, hf_token_for(auth) if data.source == "hub" else None)
+    for split in (data.train_split, data.test_split):
+        if split not in dsd:
+            raise StageFailure(f"data.{'train_split' if split == data.train_split else 'test_split'}: split "
+                               f"{split!r} not in {origin} (it has: {', '.join(dsd)})")
+    stats: dict = {"origin": origin, "splits": {}}
+    st = Store(store)
+    with st.write("data", current_key(), inputs={"data": data.model_dump(), "source": source},
+                  metrics=stats) as tmp:
+        for split, subset in ((data.train_split, data.train_subset), (data.test_split, data.test_subset)):
+            ds = dsd[split]
+            if "messages" not in ds.column_names:
+                raise StageFailure(f"data: split {split!r} has no 'messages' column (columns: {ds.column_names})")
+            total = len(ds)
+            ds = _subset(ds, subset, data.selection, data.seed)
+            problems = [row_problem(m) for m in ds["messages"]]
+            reasons = Counter(p for p in problems if p)
+            bad = [i for i, p in enumerate(problems) if p]
+            if ds.num_rows and len(bad) / ds.num_rows > data.max_invalid_share:
+                first = "; ".join(f"row {i}: {problems[i]}" for i in bad[:5])
+                raise StageFailure(f"data: {len(bad)} of {ds.num_rows} rows in split {split!r} are invalid "
+                                   f"(more than data.max_invalid_share={data.max_invalid_share}); first: {first}")
+            if bad:
+                keep = set(range(ds.num_rows)) - set(bad)
+                ds = ds.select(sorted(keep))
+            ds.to_parquet(str(tmp / f"{split}.parquet"))
+            stats["splits"][split] = {"available": total, "rows": ds.num_rows, "invalid": len(bad),
+                                      "invalid_reasons": dict(reasons)}
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    return st.ref("data", current_key())

@@ -1,0 +1,146 @@
+"""Stage 4 — train: QLoRA with trl's SFTTrainer on the token ids of the format stage.
+
+The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too), LoRA is added by peft,
+attention is flash-attn when importable, else SDPA. Trainer checkpoints go to the stage's work dir
+(``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every ``training.save_minutes`` minutes,
+keeping the last ``training.save_total_limit``; a rerun after a crash resumes from the last one (optimizer,
+scheduler, RNG and data order restored). W&B logs when ``tracking.backend: wandb`` (offline without a key).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from sft_pipeline.caching import current_key, stage_task
+from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
+from sft_pipeline.store import ArtifactRef, Store
+
+
+def _callbacks(training: TrainingConfig, log: dict):
+    import torch
+    from transformers import TrainerCallback
+
+    class Checkpoint(TrainerCallback):
+        """Save every `save_minutes` minutes too: steps alone can be hours apart on a long GPU run."""
+
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            if training.save_minutes and time.monotonic() - self.last >= training.save_minutes * 60:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kw):
+            self.last = time.monotonic()
+
+    class Throughput(TrainerCallback):
+        """Tokens per second over the steps of this process (trained tokens, padding excluded)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            log["start_step"] = state.global_step
+            self.t0, self.n0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                log["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            dt = time.perf_counter() - self.t0
+            log["train_seconds"] = round(dt, 2)
+            log["tokens"] = int(state.num_input_tokens_seen - self.n0)
+            log["tokens_per_second"] = round(log["tokens"] / dt, 1) if dt > 0 else None
+            log["steps"] = state.global_step
+
+    return [Checkpoint(), Throughput()]
+
+
+@stage_task("train", retries=1, ignore=("model", "auth", "tracking"))
+def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, model: ModelConfig, base: str,
+          model_settings: dict, quantization: QuantizationConfig, lora: LoraSection, training: TrainingConfig,
+          max_length: int, auth: ArtifactRef, tracking: TrackingConfig) -> ArtifactRef:
+    """Fine-tune LoRA adapters; resume from the last checkpoint in the work dir when there is one.
+
+    ``base`` is the base model's fingerprint and ``model_settings`` the model fields that change training
+    (attention implementation): the key does not depend on where secrets or logs go.
+    """
+    import datasets
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from sft_pipeline.models import base_model_path, load_model, resolve_device
+    from sft_pipeline.secrets import hf_token_for, wandb_key
+
+    st = Store(store)
+    key = current_key()
+    work = st.work_dir("train", key)
+    device = resolve_device(training.device)
+    token = hf_token_for(auth, model)
+    tok = _load_tokenizer(chats)
+    train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{train_split}.parquet")))
+    eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{test_split}.parquet")))
+
+    report_to = "none"
+    if tracking.backend == "wandb":
+        from sft_pipeline.config import AuthConfig
+
+        auth_record = auth.read_json("auth.json")
+        key_value = wandb_key(AuthConfig.model_validate(auth_record["config"]))
+        if key_value:
+            os.environ["WANDB_API_KEY"] = key_value
+        os.environ["WANDB_MODE"] = auth_record.get("wandb_mode") or "offline"
+        os.environ["WANDB_DIR"] = str(st.work_dir("wandb", key))
+        os.environ["WANDB_PROJECT"] = tracking.project
+        report_to = "wandb"
+
+    m = load_model(base_model_path(model, st, token), model, quantization, device, token)
+    if quantization.load_in_4bit:
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=training.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = device == "cuda" and m.dtype.__str__() == "torch.bfloat16"
+    args = SFTConfig(
+        output_dir=str(work), max_length=max_length, packing=training.packing,
+        num_train_epochs=training.epochs, max_steps=training.max_steps,
+        per_device_train_batch_size=training.per_device_batch_size,
+        per_device_eval_batch_size=training.per_device_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio, weight_decay=training.weight_decay,  # a float < 1 is a ratio
+        max_grad_norm=training.max_grad_norm, optim=training.optim, seed=training.seed, data_seed=training.seed,
+        bf16=bf16, fp16=device == "cuda" and not bf16 and str(m.dtype) == "torch.float16",
+        use_cpu=device == "cpu", logging_steps=training.logging_steps,
+        save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
+        eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
+        report_to=report_to, run_name=tracking.run_name or f"sft-{key[:8]}",
+        include_num_input_tokens_seen=True, use_liger_kernel=training.use_liger_kernel,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+                             task_type="CAUSAL_LM")
+    log: dict = {}
+    trainer = SFTTrainer(model=m, args=args, train_dataset=train_ds,
+                         eval_dataset=eval_ds if training.eval_strategy != "no" else None,
+                         processing_class=tok, peft_config=peft_config, callbacks=_callbacks(training, log))
+    last = get_last_checkpoint(str(work)) if any(Path(work).glob("checkpoint-*")) else None
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics = {**result.metrics, **log, "resumed_from_step": log.get("start_step", 0), "device": device,
+               "effective_batch": training.per_device_batch_size * training.gradient_accumulation_steps}
+    with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
+                  metrics=metrics) as tmp:
+        trainer.save_model(str(tmp / "adapter"))
+        (tmp / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickled args can hold hub_token
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        args_public = {k: v for k, v in args.to_dict().items() if "token" not in k}
+        (tmp / "training_args.json").write_text(json.dumps(args_public, indent=1, default=str))
+    return st.ref("train", key)
+
+
+def _load_tokenizer(chats: ArtifactRef):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
