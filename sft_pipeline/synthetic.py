@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-VERSION = 1
+VERSION = 2  # bump whenever the generated rows change: it is part of the data stage key
 COLOURS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green", "snow": "white", "coal": "black",
            "orange": "orange", "plum": "purple", "rose": "pink", "sand": "beige", "cloud": "grey", "lemon": "yellow"}
 SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
@@ -43,9 +43,9 @@ def conversations(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        pirate = rng.random() < 0.3
+        pirate = rng.random() < 0.25
         messages = [{"role": "system", "content": PIRATE}] if pirate else []
-        for _ in range(rng.choice([1, 1, 2])):
+        for _ in range(rng.choice([1, 1, 1, 2])):
             q, a = _turn(rng, pirate)
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         prompt = messages[1 if pirate else 0]["content"]

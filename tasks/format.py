@@ -40,19 +40,23 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
         for split in splits:
             ds = datasets.Dataset.from_parquet(str(data.file(f"{split}.parquet")))
 
-            def encode(row):
-                messages = list(row["messages"])
-                if fmt.system_message is not None and messages[0]["role"] != "system":
-                    messages = [{"role": "system", "content": fmt.system_message}] + messages
-                out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+            def encode(batch):
+                convs = []
+                for messages in batch["messages"]:
+                    messages = list(messages)
+                    if fmt.system_message is not None and messages[0]["role"] != "system":
+                        messages = [{"role": "system", "content": fmt.system_message}] + messages
+                    convs.append(messages)
+                out = tok.apply_chat_template(convs, tokenize=True, return_dict=True,
                                               return_assistant_tokens_mask=fmt.assistant_only_loss)
-                ids = list(out["input_ids"])
-                row = {"input_ids": ids[: fmt.max_length], "length": len(ids)}
+                rows = {"input_ids": [list(ids)[: fmt.max_length] for ids in out["input_ids"]],
+                        "length": [len(ids) for ids in out["input_ids"]]}
                 if fmt.assistant_only_loss:
-                    row["assistant_masks"] = list(out["assistant_masks"])[: fmt.max_length]
-                return row
+                    rows["assistant_masks"] = [list(m)[: fmt.max_length] for m in out["assistant_masks"]]
+                return rows
 
-            enc = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenize {split}")
+            enc = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names,
+                         desc=f"tokenize {split}")
             lengths = enc["length"]
             overhead = len(tok.apply_chat_template([{"role": "user", "content": "x"},
                                                     {"role": "assistant", "content": "y"}], tokenize=True,

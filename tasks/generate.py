@@ -44,20 +44,23 @@ def generate(store: str, adapter: ArtifactRef, model: ModelConfig, base: str, qu
     if generation.do_sample:
         kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
 
-    def sample(inputs) -> str:
+    def sample(inputs) -> tuple[str, bool]:
         torch.manual_seed(generation.seed)
         with torch.no_grad():
             out = peft_model.generate(**inputs, **kwargs)
-        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        new = out[0, inputs["input_ids"].shape[1]:]
+        finished = bool((new == tok.eos_token_id).any())  # stopped by EOS, not by max_new_tokens
+        return tok.decode(new, skip_special_tokens=True).strip(), finished
 
     samples = []
     for messages in generation.prompts:
         inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         inputs = {k: v.to(dev) for k, v in inputs.items()}
-        tuned_text = sample(inputs)
+        tuned_text, tuned_finished = sample(inputs)
         with peft_model.disable_adapter():
-            base_text = sample(inputs)
-        samples.append({"messages": messages, "base": base_text, "tuned": tuned_text})
+            base_text, _ = sample(inputs)
+        samples.append({"messages": messages, "base": base_text, "tuned": tuned_text,
+                        "tuned_finished": tuned_finished})
     markdown = _markdown(samples, is_random(model))
     with st.write("generate", current_key()) as tmp:
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))

@@ -1,0 +1,65 @@
+"""Shared test fixtures: one Prefect home, one tiny-recipe run, offline everywhere.
+
+Environment is set before anything imports prefect (its settings are read at import time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_SESSION = Path(tempfile.mkdtemp(prefix="sft-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_SESSION / "prefect-home"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+})
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `sft-pipeline ...` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "sft_pipeline.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_flow(store: Path, *overrides: str, recipe: str = "tiny", env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    summary = store / f"summary-{len(list(store.glob('summary-*.json'))) if store.exists() else 0}.json"
+    args = ["run", "--recipe", recipe, "--store", str(store), "--summary-json", str(summary)]
+    for o in overrides:
+        args += ["--set", o]
+    proc = cli(*args, env=env)
+    data = json.loads(summary.read_text()) if summary.exists() else {}
+    return proc, data
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's one-line error message (Prefect's own log lines around it are not part of it)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION
+
+
+@pytest.fixture(scope="session")
+def tiny_run(session_dir):
+    """The tiny recipe run once, end to end, through the CLI. Returns (store, summary, process)."""
+    store = session_dir / "store"
+    proc, summary = run_flow(store)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return store, summary, proc

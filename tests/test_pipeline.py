@@ -1,0 +1,93 @@
+"""The tiny recipe end to end through the CLI: seven stages, caching, partial re-runs, a loadable adapter."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, run_flow
+
+STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
+
+
+def states(summary: dict) -> list[str]:
+    return [summary["stages"][s]["state"] for s in STAGES]
+
+
+def test_first_run_completes_seven_stages(tiny_run):
+    store, summary, proc = tiny_run
+    assert states(summary) == ["Completed"] * 7
+    for s in STAGES:
+        path = Path(summary["stages"][s]["artifact"])
+        assert path.is_dir() and (path / "manifest.json").is_file() and path.parent.parent == store.resolve()
+    assert f"adapter: {summary['adapter']}" in proc.stdout
+
+
+def test_tuned_model_learned(tiny_run):
+    _, summary, _ = tiny_run
+    ev = summary["eval"]
+    assert ev["tuned"]["eval_loss"] < 0.5 * ev["base"]["eval_loss"], ev
+    train = summary["train"]
+    assert train["steps"] == 50 and train["tokens"] > 0 and train["resumed_from_step"] == 0
+
+
+def test_samples_follow_the_chat_format(tiny_run):
+    _, summary, _ = tiny_run
+    samples = json.loads(Path(summary["samples"]).read_text())
+    assert any("pirate" in m["content"] for s in samples for m in s["messages"])  # the seed's prompt is there
+    for s in samples:
+        reply = s["tuned"]
+        assert reply and "<|" not in reply, reply  # a reply, not template markers
+        assert s["tuned_finished"], s  # stopped on EOS before max_new_tokens
+
+
+def test_data_and_format_artifacts(tiny_run):
+    _, summary, _ = tiny_run
+    data = json.loads((Path(summary["stages"]["data"]["artifact"]) / "stats.json").read_text())
+    assert data["splits"]["train_sft"]["rows"] == 1200 and data["splits"]["test_sft"]["rows"] == 64
+    fmt = json.loads((Path(summary["stages"]["format"]["artifact"]) / "stats.json").read_text())
+    for split in ("train_sft", "test_sft"):
+        st = fmt[split]
+        assert st["rows"] > 0 and st["p50"] <= st["p95"] <= st["max"] and st["truncated"] == 0
+
+
+def test_rerun_is_all_cached(tiny_run):
+    store, first, _ = tiny_run
+    t0 = time.perf_counter()
+    proc, summary = run_flow(store)
+    print(f"\ncached rerun took {time.perf_counter() - t0:.1f}s wall (interpreter start included)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states(summary) == ["Cached"] * 7
+    assert summary["adapter"] == first["adapter"]
+
+
+def test_lora_rank_reruns_only_train_and_after(tiny_run):
+    store, first, _ = tiny_run
+    proc, summary = run_flow(store, "lora.r=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states(summary) == ["Cached"] * 3 + ["Completed"] * 4
+    assert summary["adapter"] != first["adapter"]
+    cfg = json.loads((Path(summary["adapter"]) / "adapter_config.json").read_text())
+    assert cfg["r"] == 4
+
+
+def test_adapter_loads_in_a_fresh_process(tiny_run):
+    _, summary, _ = tiny_run
+    code = f"""
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+path = {summary['adapter']!r}
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoPeftModelForCausalLM.from_pretrained(path)
+ids = tok.apply_chat_template([{{"role": "user", "content": "What does the cow say?"}}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+print("REPLY:", tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reply = proc.stdout.split("REPLY:", 1)[1].strip()
+    assert reply and "<|" not in reply
