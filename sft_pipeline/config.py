@@ -42,7 +42,7 @@ class ModelConfig(Section):
     name: str = Field("mistralai/Mistral-7B-v0.1", description="hub id, local directory, or architecture to build")
     revision: str = "main"
     requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     # only for source=build: architecture overrides on top of the named preset (`tiny-mistral`, `mistral-7b`)
     build: dict[str, Any] = Field(default_factory=dict)
 
@@ -85,6 +85,8 @@ class DataConfig(Section):
     # only for source=synthetic
     synthetic_train_rows: int = Field(1200, gt=0)
     synthetic_test_rows: int = Field(100, gt=0)
+    synthetic_style: Literal["chat", "long"] = Field(
+        "chat", description="chat: short learnable conversations; long: ultrachat-like lengths for speed work")
 
 
 class FormatConfig(Section):
@@ -131,7 +133,15 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint every M minutes of training")
     save_total_limit: int = Field(2, ge=1, description="keep the last K checkpoints")
-    use_liger_kernel: bool = False
+    auto_batch: bool = Field(True, description="on CUDA: pick micro-batch, accumulation and checkpointing to fill "
+                                                "free GPU memory, keeping the effective batch")
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):  # YAML reads a bare `no` as false
+        return "no" if v is False else v
+
+    use_liger_kernel: bool | Literal["auto"] = Field("auto", description="auto: on CUDA when liger-kernel is installed")
+    price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate before training")
 
 
 class EvaluationConfig(Section):

@@ -95,7 +95,8 @@ def _load(data: DataConfig, token: str | None):
     if data.source == "synthetic":
         from sft_pipeline import synthetic
 
-        rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed)
+        rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed,
+                                style=data.synthetic_style)
         return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}), "synthetic"
     files = _local_files(data)
     by_split: dict[str, list[str]] = {}
