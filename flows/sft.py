@@ -85,11 +85,9 @@ def fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only ours are turned into a Failed state
-            stage = getattr(exc, "sft_stage", None)
-            if stage is None and not isinstance(exc, ConfigError):
+            if getattr(exc, "sft_stage", None) is None and not isinstance(exc, ConfigError):
                 raise
-            prefix = f"stage {stage!r} failed: " if stage else ""
-            return Failed(message=prefix + failure_message(exc), data=exc)
+            return Failed(message=failure_message(exc), data=exc)
 
     return wrapper
 

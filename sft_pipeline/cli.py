@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = sft(recipe=args.recipe, overrides=args.overrides, store=args.store, summary_json=args.summary_json)
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
-        stage = getattr(e, "sft_stage", None)
-        print(f"error: {f'stage {stage!r} failed: ' if stage else ''}{failure_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+        print(f"error: {failure_message(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) and not hasattr(e, "sft_stage") else 1)  # 2: before any stage
     _stop_prefect()
     _print_summary(summary)
     return 0

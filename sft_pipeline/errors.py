@@ -7,7 +7,13 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def failure_message(exc: BaseException) -> str:
-    """One clear line for an exception that ended a stage or the run."""
+    """One clear line for an exception that ended a stage or the run (``stage '<name>' failed: ...`` when the
+    flow marked the stage it came from)."""
+    stage = getattr(exc, "sft_stage", None)
+    return (f"stage {stage!r} failed: " if stage else "") + _message(exc)
+
+
+def _message(exc: BaseException) -> str:
     from sft_pipeline.caching import StageFailure
     from sft_pipeline.config import ConfigError
     from sft_pipeline.hub import HubUnreachable
