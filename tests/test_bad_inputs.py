@@ -277,7 +277,8 @@ def test_rejected_token_and_unreachable_hub(tmp_path):
     assert_intact(store, [])
 
     hub.shutdown()
-    unreachable = {**online, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    unreachable = {**online, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # prefect is imported before main()
     args = ["run", "--recipe", "mistral-7b-qlora", "--store", str(store), "--summary-json", str(tmp_path / "s.json")]
     proc = subprocess.run([sys.executable, "-c", FAST_RETRIES, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **unreachable})
