@@ -10,6 +10,7 @@ Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
-from sft_pipeline import secrets
+from sft_pipeline import preflight, secrets
 from sft_pipeline.caching import bind_store
-from sft_pipeline.config import PipelineConfig, load_config
+from sft_pipeline.config import ConfigError, PipelineConfig, load_config
+from sft_pipeline.errors import failure_message
 from sft_pipeline.models import describe, model_fingerprint
 from sft_pipeline.store import ArtifactRef, Store, default_store
 from tasks.authenticate import authenticate
@@ -49,8 +52,9 @@ class StageRunner:
             try:
                 state.result()
             except BaseException as exc:  # noqa: BLE001 - reported in the summary, then re-raised
-                record["error"] = f"{type(exc).__name__}: {exc}"
+                record["error"] = failure_message(exc)
                 self.write_summary(failed=stage.name)
+                exc.sft_stage = stage.name  # for the flow's one-line failure (see fail_cleanly)
                 raise
         ref: ArtifactRef = state.result()
         record["artifact"] = ref.path
@@ -70,7 +74,26 @@ class StageRunner:
         return summary
 
 
+def fail_cleanly(fn):
+    """End the flow run Failed with one line when a stage failed or the config is bad, instead of a traceback.
+
+    The failed stage's own log has the details; the caller of ``sft()`` still gets the exception.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only ours are turned into a Failed state
+            if getattr(exc, "sft_stage", None) is None and not isinstance(exc, ConfigError):
+                raise
+            return Failed(message=failure_message(exc), data=exc)
+
+    return wrapper
+
+
 @flow(name="sft-pipeline")
+@fail_cleanly
 def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
         summary_json: str | None = None) -> dict:
     """Fine-tune a causal LM with QLoRA: seven cached stages.
@@ -82,6 +105,7 @@ def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | N
         summary_json: also write the run summary to this path.
     """
     cfg = load_config(recipe, overrides or [])
+    preflight.check(cfg)
     st = Store(store or default_store())
     st.clean_tmp()
     run = StageRunner(st, cfg, summary_json)
@@ -93,6 +117,7 @@ def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | N
 
     auth = run(authenticate, auth=cfg.auth, model=cfg.model, data=cfg.data, tracking=cfg.tracking, found=found)
     data = run(download_data, data=cfg.data, source=source_fingerprint(cfg.data), auth=auth)
+    run.stages["data"]["splits"] = data.read_json("stats.json")["splits"]  # rows kept, invalid rows per reason
     chats = run(format_chats, data=data, splits=splits, model=cfg.model, base=base, fmt=cfg.format, auth=auth)
     tuned = run(train, chats=chats, train_split=splits[0], test_split=splits[1], model=cfg.model, base=base,
                 model_settings={"attn_implementation": cfg.model.attn_implementation},

@@ -34,6 +34,8 @@ def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Prefect's temporary server takes 10-30 s to start on a busy 2-core machine; its default wait is 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _print_summary(summary: dict) -> None:
@@ -46,6 +48,24 @@ def _print_summary(summary: dict) -> None:
               f"(perplexity {ev['base']['perplexity']:.1f} -> {ev['tuned']['perplexity']:.2f})")
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}")
+    for split, st in summary["stages"].get("data", {}).get("splits", {}).items():
+        if st["invalid"]:
+            reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
+            print(f"data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
+
+
+def _stop_prefect() -> None:
+    """Flush Prefect's log/event workers and stop its temporary server now (else at exit, after our last line)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all()
+        SubprocessASGIServer().stop()
+    except Exception:  # noqa: BLE001 - only tidies the output; Prefect stops it at exit anyway
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,23 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(recipe_names()))
         return 0
-    try:
-        load_config(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    from sft_pipeline import preflight
+
+    try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
+        preflight.check(load_config(args.recipe, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _quiet_env()
     from flows.sft import sft
-    from sft_pipeline.caching import StageFailure
+    from sft_pipeline.errors import failure_message
 
     try:
         summary = sft(recipe=args.recipe, overrides=args.overrides, store=args.store, summary_json=args.summary_json)
-    except (StageFailure, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except Exception as e:  # noqa: BLE001 - a stage failed after its retries: say which, not a stack trace
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
+        _stop_prefect()
+        print(f"error: {failure_message(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) and not hasattr(e, "sft_stage") else 1)  # 2: before any stage
+    _stop_prefect()
     _print_summary(summary)
     return 0
 

@@ -31,10 +31,18 @@ class Section(BaseModel):
 class AuthConfig(Section):
     """Where secrets come from. Only names travel; values are read where they are used."""
 
-    hf_token_env: str = "HF_TOKEN"
+    hf_token_env: str = Field("HF_TOKEN", description="environment variable holding the Hugging Face token")
     hf_token_block: str = Field("hf-token", description="Prefect Secret block holding the Hugging Face token")
-    wandb_key_env: str = "WANDB_API_KEY"
+    wandb_key_env: str = Field("WANDB_API_KEY", description="environment variable holding the W&B API key")
     wandb_key_block: str = Field("wandb-api-key", description="Prefect Secret block holding the W&B API key")
+
+    @field_validator("hf_token_env", "wandb_key_env")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        """Upper-case names only: a token pasted here by mistake (hf_..., a hex W&B key) is refused, not echoed."""
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+            raise ValueError("must be the name of an environment variable (upper case, e.g. HF_TOKEN), not a secret")
+        return value
 
 
 class ModelConfig(Section):
@@ -219,7 +227,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_problem(e)}") from None
     return keys, value
 
 
@@ -246,23 +254,53 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+def _field_path(loc: tuple) -> tuple:
+    """The config field an error is about: ``loc`` without pydantic's union-branch tags (``list[str]`` ...)."""
+    cls: Any = PipelineConfig
+    path: list = []
+    for part in loc:
+        fields = getattr(cls, "model_fields", None)
+        if isinstance(part, int):
+            path.append(part)
+            continue
+        if fields is None or part not in fields:
+            break
+        path.append(part)
+        cls = fields[part].annotation
+    return tuple(path)
+
+
 def _format_validation_error(err: ValidationError) -> str:
-    lines = []
+    lines: dict[str, str] = {}
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
-        field = ".".join(str(p) for p in loc) or "(config)"
+        loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
+            field = ".".join(str(p) for p in loc)
             allowed = _field_names(PipelineConfig, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {field!r}" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint else "")
             if allowed:
                 msg += f"; allowed: {', '.join(allowed)}"
-        else:
-            msg = f"{field}: {e['msg']}"
-            if "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
-        lines.append(msg)
-    return "invalid config:\n  " + "\n  ".join(lines)
+            lines[field] = msg
+            continue
+        field = ".".join(str(p) for p in _field_path(loc)) or "(config)"
+        text = e["msg"].removeprefix("Value error, ")
+        if field in lines:  # another branch of a union (e.g. a list of names or 'all-linear'): one line
+            lines[field] = lines[field].replace(" (got ", f", or {text[0].lower()}{text[1:]} (got ", 1)
+            continue
+        msg = f"{field}: {text}"
+        if "input" in e and not isinstance(e["input"], dict) and loc[0] != "auth":  # auth: it may be a secret
+            msg += f" (got {e['input']!r})"
+        lines[field] = msg
+    items = list(lines.values())
+    return "invalid config: " + items[0] if len(items) == 1 else "invalid config:\n  " + "\n  ".join(items)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
@@ -271,7 +309,7 @@ def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> Pip
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     data.setdefault("recipe", path.stem)
