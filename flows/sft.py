@@ -8,7 +8,6 @@ every finished stage and ``--set lora.r=4`` re-runs only train → generate.
 
 Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``); deploy it: ``deployments/``.
 """
-from __future__ import annotations
 
 import json
 import os
@@ -58,7 +57,8 @@ class StageRunner:
         return ref
 
     def write_summary(self, failed: str | None = None, **extra) -> dict:
-        summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
+        summary = {"recipe": self.cfg.recipe, "flow_run": flow_run.get_id(), "store": str(self.store.root),
+                   "model": describe(self.cfg.model),
                    "status": "Failed" if failed else "Completed", "stages": self.stages,
                    "config": self.cfg.model_dump(mode="json"), **extra}
         runs = self.store.root / "runs"

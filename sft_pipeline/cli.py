@@ -2,7 +2,7 @@
 
     sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
                      [--summary-json PATH]
-    sft-pipeline serve [--name tiny] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
+    sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
 
 Exit codes: 0 done, 1 a stage failed (its message is printed), 2 bad config or arguments (before any stage runs).
 """
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
     run.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
                                                           "artifacts, eval metrics, adapter path) here")
-    serve.add_argument("--name", default="tiny", help="deployment name (default: tiny): sft-pipeline/NAME")
+    serve.add_argument("--name", default="served", help="deployment name (default: served): sft-pipeline/NAME")
     serve.add_argument("--cron", default=None, help="also run on this cron schedule, e.g. '0 3 * * *'")
     sub.add_parser("recipes", help="list the built-in recipes")
     return p

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -47,7 +48,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _write_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
