@@ -6,9 +6,8 @@ Each stage is a task in ``tasks/`` that takes the config sections it reads and i
 (path + fingerprint) and returns its own artifact; its cache key is built from exactly those, so a rerun skips
 every finished stage and ``--set lora.r=4`` re-runs only train → generate.
 
-Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``).
+Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``); deploy it: ``deployments/``.
 """
-from __future__ import annotations
 
 import functools
 import json
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from sft_pipeline import preflight, secrets
+from sft_pipeline import preflight, promote, secrets
 from sft_pipeline.caching import bind_store
-from sft_pipeline.config import ConfigError, PipelineConfig, load_config
+from sft_pipeline.config import ConfigError, OverrideValue, PipelineConfig, RecipeName, load_config
 from sft_pipeline.errors import failure_message
 from sft_pipeline.models import describe, model_fingerprint
 from sft_pipeline.store import ArtifactRef, Store, default_store
@@ -61,8 +61,10 @@ class StageRunner:
         return ref
 
     def write_summary(self, failed: str | None = None, **extra) -> dict:
-        summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
-                   "status": "Failed" if failed else "Completed", "stages": self.stages, **extra}
+        summary = {"recipe": self.cfg.recipe, "flow_run": flow_run.get_id(), "store": str(self.store.root),
+                   "model": describe(self.cfg.model),
+                   "status": "Failed" if failed else "Completed", "stages": self.stages,
+                   "config": self.cfg.model_dump(mode="json"), **extra}
         runs = self.store.root / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         paths = [runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"]
@@ -94,17 +96,21 @@ def fail_cleanly(fn):
 
 @flow(name="sft-pipeline")
 @fail_cleanly
-def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
-        summary_json: str | None = None) -> dict:
-    """Fine-tune a causal LM with QLoRA: seven cached stages.
+def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None = None, store: str | None = None,
+        summary_json: str | None = None, recipe_file: str | None = None) -> dict:
+    """Fine-tune a causal LM with QLoRA: seven cached stages, then promote the adapter if it is the best so far.
 
     Args:
-        recipe: a recipe name (tiny, mistral-7b-qlora, zephyr-7b-qlora) or a path to a recipe YAML.
-        overrides: ``section.key=value`` items applied on top of the recipe, e.g. ``lora.r=4``.
-        store: the artifact store directory (default ``$SFT_PIPELINE_STORE`` or ``~/.cache/sft-pipeline``).
+        recipe: a built-in recipe: tiny (offline CPU demo), mistral-7b-qlora (the seed notebook), zephyr-7b-qlora.
+        overrides: config fields to change, as {"section.key": value}, e.g. {"lora.r": 4, "training.max_steps": 20}.
+            The whole config is validated before any stage runs. Secrets are never values: name Prefect Secret
+            blocks instead ({"auth.hf_token_block": "my-hf-token"}).
+        store: the artifact store directory (default $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline); shared storage
+            when workers run on several machines.
         summary_json: also write the run summary to this path.
+        recipe_file: a recipe YAML on the machine that runs the flow, used instead of recipe.
     """
-    cfg = load_config(recipe, overrides or [])
+    cfg = load_config(recipe_file or recipe, overrides or {})
     preflight.check(cfg)
     st = Store(store or default_store())
     st.clean_tmp()
@@ -132,10 +138,13 @@ def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | N
     samples = run(generate, adapter=adapter, model=cfg.model, base=base, quantization=cfg.quantization,
                   generation=cfg.generation, training=cfg.training, auth=auth)
 
+    promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=chats,
+                                 test_split=splits[1], flow_run=flow_run.get_id())
     summary = run.write_summary(eval=metrics.read_json("metrics.json"), adapter=adapter.path,
                                 samples=samples.file("samples.json").as_posix(),
-                                train=tuned.read_json("train_metrics.json"))
-    get_run_logger().info("adapter: %s", adapter.path)
+                                train=tuned.read_json("train_metrics.json"), promotion=promotion)
+    get_run_logger().info("adapter: %s; promoted: %s (%s)", adapter.path, promotion["promoted"],
+                          promotion["reason"])
     return summary
 
 

@@ -11,6 +11,7 @@ data, a gated model without a token) and programming errors never are.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -121,6 +122,16 @@ def current_key() -> str:
     return _CURRENT_KEY.get()
 
 
+@contextlib.contextmanager
+def _running(key: str):
+    """``current_key()`` is ``key`` inside. (A module-level helper keeps stage tasks picklable, for flow.serve.)"""
+    token = _CURRENT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _CURRENT_KEY.reset(token)
+
+
 def stage_task(stage: str, *, retries: int = 0, retry_delays: list[float] | None = None,
                ignore: tuple[str, ...] = ()) -> Callable:
     """Turn ``fn(store, ...) -> ArtifactRef`` into a Prefect task cached by its stage key.
@@ -140,11 +151,8 @@ def stage_task(stage: str, *, retries: int = 0, retry_delays: list[float] | None
             done = Store(bound.arguments["store"]).ref(stage, key)
             if done is not None:
                 return done
-            token = _CURRENT_KEY.set(key)
-            try:
+            with _running(key):
                 return fn(*args, **kwargs)
-            finally:
-                _CURRENT_KEY.reset(token)
 
         return task(
             run,

@@ -2,6 +2,7 @@
 
     sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
                      [--summary-json PATH]
+    sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
 
 Exit codes: 0 done, 1 a stage failed (its message is printed), 2 bad config or arguments (before any stage runs).
 """
@@ -17,15 +18,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft-pipeline", description="QLoRA fine-tuning as a Prefect flow of cached stages")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the seven stages (finished ones are reused)")
-    run.add_argument("--recipe", default="tiny", help="recipe name or path to a recipe YAML (default: tiny)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a config field; repeatable")
-    run.add_argument("--store", default=None,
-                     help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
+    serve = sub.add_parser("serve", help="serve the flow as a Prefect deployment (runs from the UI, CLI, schedule)")
+    for cmd in (run, serve):  # for serve: the deployment's default parameters
+        cmd.add_argument("--recipe", default="tiny", help="recipe name or path to a recipe YAML (default: tiny)")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config field; repeatable")
+        cmd.add_argument("--store", default=None,
+                         help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
     run.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
                                                           "artifacts, eval metrics, adapter path) here")
+    serve.add_argument("--name", default="served", help="deployment name (default: served): sft-pipeline/NAME")
+    serve.add_argument("--cron", default=None, help="also run on this cron schedule, e.g. '0 3 * * *'")
     sub.add_parser("recipes", help="list the built-in recipes")
     return p
+
+
+def _flow_parameters(args) -> dict:
+    """The flow's parameters from --recipe (a name or a YAML path), --set and --store."""
+    from sft_pipeline.config import parse_overrides
+
+    store = os.path.abspath(os.path.expanduser(args.store)) if args.store else None
+    params: dict = {"overrides": parse_overrides(args.overrides), "store": store}
+    if args.recipe.endswith((".yaml", ".yml")) or "/" in args.recipe:
+        params["recipe_file"] = str(os.path.abspath(os.path.expanduser(args.recipe)))
+    else:
+        params["recipe"] = args.recipe
+    return params
 
 
 def _quiet_env() -> None:
@@ -46,6 +64,9 @@ def _print_summary(summary: dict) -> None:
               f"(perplexity {ev['base']['perplexity']:.1f} -> {ev['tuned']['perplexity']:.2f})")
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}")
+    if "promotion" in summary:
+        p = summary["promotion"]
+        print(f"promoted: {'yes' if p['promoted'] else 'no'} ({p['reason']}); pointer: {p['pointer']}")
     for split, st in summary["stages"].get("data", {}).get("splits", {}).items():
         if st["invalid"]:
             reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
@@ -84,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from flows.sft import sft
     from sft_pipeline.errors import failure_message
 
+    if args.command == "serve":
+        sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
+        return 0
     try:
-        summary = sft(recipe=args.recipe, overrides=args.overrides, store=args.store, summary_json=args.summary_json)
+        summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
         print(f"error: {failure_message(e)}", file=sys.stderr)

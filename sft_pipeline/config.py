@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,6 +204,11 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+# The flow's typed parameters (a dropdown and a JSON field in Prefect's run form).
+RecipeName = Literal[tuple(recipe_names())]  # the built-in recipes
+OverrideValue = str | int | float | bool | list | dict | None  # a JSON value, checked against the config model
+
+
 def recipe_path(recipe: str) -> Path:
     if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
         path = Path(recipe).expanduser()
@@ -217,13 +223,18 @@ def recipe_path(recipe: str) -> Path:
     return path
 
 
+def _override_keys(dotted: str, item: str) -> list[str]:
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys or not re.fullmatch(r"[A-Za-z0-9_.]+", dotted.strip()):
+        raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+    return keys
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
-    keys = [k for k in dotted.strip().split(".") if k]
-    if not keys or not re.fullmatch(r"[A-Za-z0-9_.]+", dotted.strip()):
-        raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+    keys = _override_keys(dotted, item)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -231,9 +242,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = _parse_override(item)
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lora.r=4", ...]`` (CLI ``--set``, values read as YAML) -> ``{"lora.r": 4, ...}`` (the flow parameter)."""
+    return {".".join(keys): value for keys, value in map(_parse_override, items)}
+
+
+def apply_overrides(data: dict, overrides: list[str] | Mapping[str, Any]) -> dict:
+    """Apply ``section.key=value`` strings, or a ``{"section.key": value}`` mapping (values already typed)."""
+    if isinstance(overrides, Mapping):
+        pairs = [(_override_keys(k, f"{k}={v!r}"), v) for k, v in overrides.items()]
+    else:
+        pairs = [_parse_override(item) for item in overrides]
+    for keys, value in pairs:
+        item = ".".join(keys)
         node = data
         for k in keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):
@@ -303,7 +324,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
-def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(recipe: str = "tiny", overrides: list[str] | Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read a recipe (name or path), apply ``section.key=value`` overrides, validate. Raises ConfigError."""
     path = recipe_path(recipe)
     try:
@@ -313,7 +334,7 @@ def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> Pip
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     data.setdefault("recipe", path.stem)
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, overrides or [])
     return validate_config(data)
 
 

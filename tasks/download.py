@@ -19,9 +19,12 @@ from sft_pipeline.store import ArtifactRef, Store, digest, file_sha256
 
 
 def source_fingerprint(data: DataConfig) -> str:
-    """What identifies the data's content before downloading: revision, or the hash of local files' bytes."""
+    """What identifies the data's content before downloading: the revision's commit, or local files' bytes."""
     if data.source == "hub":
-        return digest({"hub": data.dataset, "revision": data.revision})
+        from sft_pipeline.hub import dataset_commit
+
+        return digest({"hub": data.dataset, "revision": data.revision,
+                       "commit": dataset_commit(data.dataset, data.revision)})
     if data.source == "synthetic":
         from sft_pipeline import synthetic
 
