@@ -14,15 +14,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from sft_pipeline import secrets
-from sft_pipeline.caching import bind_store
+from sft_pipeline.caching import attempts, bind_store
 from sft_pipeline.config import PipelineConfig, load_config
 from sft_pipeline.models import describe, model_fingerprint
-from sft_pipeline.store import ArtifactRef, Store, default_store
+from sft_pipeline.store import WRITER_ID, ArtifactRef, Store, default_store
 from tasks.authenticate import authenticate
 from tasks.download import download_data, source_fingerprint
 from tasks.evaluate import evaluate
@@ -33,16 +34,24 @@ from tasks.train import train
 
 
 class StageRunner:
-    """Runs stages in order on one store and records each one's state, seconds and artifact for the summary."""
+    """Runs stages in order on one store and records each one's state, seconds and artifact for the summary.
+
+    The summary is rewritten after every stage (status ``Running``), so a killed run still says what it finished.
+    A stage whose finished artifact was found in the store (written by another run, or by a run killed before
+    Prefect recorded it) counts as ``Cached``, like one Prefect found in its own cache.
+    """
 
     def __init__(self, store: Store, cfg: PipelineConfig, summary_path: str | None):
         self.store, self.cfg, self.summary_path = store, cfg, summary_path
         self.stages: dict[str, dict[str, Any]] = {}
+        self.run_file = store.root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
 
     def __call__(self, stage, **inputs) -> ArtifactRef:
         t0 = time.perf_counter()
         state = bind_store(stage, self.store.root)(store=str(self.store.root), **inputs, return_state=True)
         record = {"state": state.name, "seconds": round(time.perf_counter() - t0, 2)}
+        if tries := attempts(state.state_details.task_run_id):
+            record["attempts"] = tries
         self.stages[stage.name] = record
         if not state.is_completed():
             record["state"] = "Failed"
@@ -54,37 +63,29 @@ class StageRunner:
                 raise
         ref: ArtifactRef = state.result()
         record["artifact"] = ref.path
+        writer = self.store.manifest(ref).get("writer")
+        if record["state"] == "Completed" and writer and writer != WRITER_ID:
+            record.update(state="Cached", reused=f"finished artifact written by {writer}")
+        self.write_summary(running=True)
         return ref
 
-    def write_summary(self, failed: str | None = None, **extra) -> dict:
+    def write_summary(self, failed: str | None = None, running: bool = False, **extra) -> dict:
+        status = "Failed" if failed else "Running" if running else "Completed"
         summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
-                   "status": "Failed" if failed else "Completed", "stages": self.stages, **extra}
-        runs = self.store.root / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        paths = [runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"]
+                   "flow_run_id": str(flow_run.id), "status": status, "stages": self.stages, **extra}
+        paths = [self.run_file]
         if self.summary_path:
             paths.append(Path(self.summary_path))
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(summary, indent=2, default=str))
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            os.replace(tmp, p)
         return summary
 
 
-@flow(name="sft-pipeline")
-def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
-        summary_json: str | None = None) -> dict:
-    """Fine-tune a causal LM with QLoRA: seven cached stages.
-
-    Args:
-        recipe: a recipe name (tiny, mistral-7b-qlora, zephyr-7b-qlora) or a path to a recipe YAML.
-        overrides: ``section.key=value`` items applied on top of the recipe, e.g. ``lora.r=4``.
-        store: the artifact store directory (default ``$SFT_PIPELINE_STORE`` or ``~/.cache/sft-pipeline``).
-        summary_json: also write the run summary to this path.
-    """
-    cfg = load_config(recipe, overrides or [])
-    st = Store(store or default_store())
-    st.clean_tmp()
-    run = StageRunner(st, cfg, summary_json)
+def stages(cfg: PipelineConfig, run: Callable[..., ArtifactRef]) -> dict[str, ArtifactRef]:
+    """The seven stages, top to bottom. ``run(stage, **inputs)`` runs one (``sft-pipeline plan`` predicts it)."""
     base = model_fingerprint(cfg.model)
     found = {"hf_token": secrets.resolve(cfg.auth.hf_token_env, cfg.auth.hf_token_block)[1],
              "wandb_key": secrets.resolve(cfg.auth.wandb_key_env, cfg.auth.wandb_key_block)[1]
@@ -106,7 +107,27 @@ def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | N
                   recipe=cfg.recipe, auth=auth)
     samples = run(generate, adapter=adapter, model=cfg.model, base=base, quantization=cfg.quantization,
                   generation=cfg.generation, training=cfg.training, auth=auth)
+    return {"authenticate": auth, "data": data, "format": chats, "train": tuned, "evaluate": metrics,
+            "save_adapter": adapter, "generate": samples}
 
+
+@flow(name="sft-pipeline")
+def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
+        summary_json: str | None = None) -> dict:
+    """Fine-tune a causal LM with QLoRA: seven cached stages.
+
+    Args:
+        recipe: a recipe name (tiny, mistral-7b-qlora, zephyr-7b-qlora) or a path to a recipe YAML.
+        overrides: ``section.key=value`` items applied on top of the recipe, e.g. ``lora.r=4``.
+        store: the artifact store directory (default ``$SFT_PIPELINE_STORE`` or ``~/.cache/sft-pipeline``).
+        summary_json: also write the run summary to this path.
+    """
+    cfg = load_config(recipe, overrides or [])
+    st = Store(store or default_store())
+    st.clean_tmp()
+    run = StageRunner(st, cfg, summary_json)
+    out = stages(cfg, run)
+    metrics, adapter, samples, tuned = out["evaluate"], out["save_adapter"], out["generate"], out["train"]
     summary = run.write_summary(eval=metrics.read_json("metrics.json"), adapter=adapter.path,
                                 samples=samples.file("samples.json").as_posix(),
                                 train=tuned.read_json("train_metrics.json"))

@@ -3,17 +3,23 @@
 The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too), LoRA is added by peft,
 attention is flash-attn when importable, else SDPA. Trainer checkpoints go to the stage's work dir
 (``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every ``training.save_minutes`` minutes,
-keeping the last ``training.save_total_limit``; a rerun after a crash resumes from the last one (optimizer,
-scheduler, RNG and data order restored). W&B logs when ``tracking.backend: wandb`` (offline without a key).
+keeping the last ``training.save_total_limit``; a rerun after a crash resumes from the last complete one
+(optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is skipped).
+CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the gradient
+accumulation (same effective batch), down to a micro-batch of 1; the fallback is kept in the work dir for reruns
+and reported in ``train_metrics.json``. W&B logs when ``tracking.backend: wandb`` (offline without a key).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
-from sft_pipeline.caching import current_key, stage_task
+from sft_pipeline import faults
+from sft_pipeline.caching import StageFailure, current_key, is_oom, stage_task
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
 from sft_pipeline.store import ArtifactRef, Store
 
@@ -52,7 +58,83 @@ def _callbacks(training: TrainingConfig, log: dict):
             log["tokens_per_second"] = round(log["tokens"] / dt, 1) if dt > 0 else None
             log["steps"] = state.global_step
 
-    return [Checkpoint(), Throughput()]
+    class Fault(TrainerCallback):
+        """Test-only fault point ``train:step=N`` (after N steps and their checkpoint); off by default."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            faults.point("train", f"step={state.global_step}")
+
+    return [Checkpoint(), Throughput(), Fault()]
+
+
+def _resumable(trainer_cls):
+    """The trainer, resuming with each trainable weight in the dtype it trains in.
+
+    Trainer reloads a PEFT checkpoint with ``load_adapter``, which upcasts bf16 adapter weights to float32, while
+    trl trains QLoRA adapters in bf16: a resumed run would then train differently from an uninterrupted one.
+    """
+
+    class Resumable(trainer_cls):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in target.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    return Resumable
+
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest complete checkpoint in ``work``; ones cut short by a kill while saving are removed.
+
+    Trainer writes ``trainer_state.json`` last, after the adapter, optimizer, scheduler and RNG states.
+    """
+    def step(p: Path) -> int:
+        return int(p.name.rsplit("-", 1)[1])
+
+    found = [p for p in Path(work).glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    for ckpt in sorted(found, key=step, reverse=True):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            complete = state.get("global_step") == step(ckpt) and all(
+                any(f.stat().st_size > 0 for f in ckpt.glob(pattern))
+                for pattern in ("adapter_model.*", "optimizer.pt", "scheduler.pt", "rng_state*.pth"))
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            return str(ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _batch_plan(work: Path, training: TrainingConfig) -> dict:
+    """Micro-batch and accumulation to train with: the config's, unless an out-of-memory fallback lowered them."""
+    saved = Path(work) / "batch.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    return {"per_device_batch_size": training.per_device_batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps, "oom_fallbacks": []}
+
+
+def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: str) -> dict:
+    """Half the micro-batch, twice the accumulation: the same effective batch. Saved so a rerun keeps it."""
+    bs, ga = plan["per_device_batch_size"], plan["gradient_accumulation_steps"]
+    if bs == 1:
+        raise StageFailure(f"train: out of memory at training.per_device_batch_size=1 ({error}); lower "
+                           f"format.max_length, turn on training.gradient_checkpointing, or use a bigger GPU")
+    if bs % 2 == 0:
+        new = {"per_device_batch_size": bs // 2, "gradient_accumulation_steps": ga * 2}
+    else:  # an odd micro-batch goes to 1 × (bs × ga): still the same effective batch
+        new = {"per_device_batch_size": 1, "gradient_accumulation_steps": ga * bs}
+    fallback = {"at_step": step, "from": {"per_device_batch_size": bs, "gradient_accumulation_steps": ga},
+                "to": dict(new), "resumed_from": Path(resume).name if resume else None, "error": error[:300]}
+    plan = {**new, "oom_fallbacks": plan["oom_fallbacks"] + [fallback]}
+    tmp = Path(work) / "batch.json.tmp"
+    tmp.write_text(json.dumps(plan, indent=2))
+    os.replace(tmp, Path(work) / "batch.json")
+    return plan
 
 
 @stage_task("train", retries=1, ignore=("model", "auth", "tracking"))
@@ -65,8 +147,9 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
     (attention implementation): the key does not depend on where secrets or logs go.
     """
     import datasets
+    import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers.trainer_utils import get_last_checkpoint
+    from prefect import get_run_logger
     from trl import SFTConfig, SFTTrainer
 
     from sft_pipeline.models import base_model_path, load_model, resolve_device
@@ -94,41 +177,70 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         os.environ["WANDB_PROJECT"] = tracking.project
         report_to = "wandb"
 
-    m = load_model(base_model_path(model, st, token), model, quantization, device, token)
-    if quantization.load_in_4bit:
-        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=training.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    bf16 = device == "cuda" and m.dtype.__str__() == "torch.bfloat16"
-    args = SFTConfig(
-        output_dir=str(work), max_length=max_length, packing=training.packing,
-        num_train_epochs=training.epochs, max_steps=training.max_steps,
-        per_device_train_batch_size=training.per_device_batch_size,
-        per_device_eval_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
-        learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio, weight_decay=training.weight_decay,  # a float < 1 is a ratio
-        max_grad_norm=training.max_grad_norm, optim=training.optim, seed=training.seed, data_seed=training.seed,
-        bf16=bf16, fp16=device == "cuda" and not bf16 and str(m.dtype) == "torch.float16",
-        use_cpu=device == "cpu", logging_steps=training.logging_steps,
-        save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
-        eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
-        report_to=report_to, run_name=tracking.run_name or f"sft-{key[:8]}",
-        include_num_input_tokens_seen=True, use_liger_kernel=training.use_liger_kernel,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
-                             task_type="CAUSAL_LM")
-    log: dict = {}
-    trainer = SFTTrainer(model=m, args=args, train_dataset=train_ds,
-                         eval_dataset=eval_ds if training.eval_strategy != "no" else None,
-                         processing_class=tok, peft_config=peft_config, callbacks=_callbacks(training, log))
-    last = get_last_checkpoint(str(work)) if any(Path(work).glob("checkpoint-*")) else None
-    result = trainer.train(resume_from_checkpoint=last)
+    def make_trainer(plan: dict, log: dict):
+        m = load_model(base_model_path(model, st, token), model, quantization, device, token)
+        if quantization.load_in_4bit:
+            m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=training.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        bf16 = device == "cuda" and m.dtype.__str__() == "torch.bfloat16"
+        args = SFTConfig(
+            output_dir=str(work), max_length=max_length, packing=training.packing,
+            num_train_epochs=training.epochs, max_steps=training.max_steps,
+            per_device_train_batch_size=plan["per_device_batch_size"],
+            per_device_eval_batch_size=plan["per_device_batch_size"],
+            gradient_accumulation_steps=plan["gradient_accumulation_steps"],
+            gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+            learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
+            warmup_steps=training.warmup_ratio, weight_decay=training.weight_decay,  # a float < 1 is a ratio
+            max_grad_norm=training.max_grad_norm, optim=training.optim, seed=training.seed,
+            data_seed=training.seed,
+            bf16=bf16, fp16=device == "cuda" and not bf16 and str(m.dtype) == "torch.float16",
+            use_cpu=device == "cpu", logging_steps=training.logging_steps,
+            save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
+            eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
+            report_to=report_to, run_name=tracking.run_name or f"sft-{key[:8]}",
+            include_num_input_tokens_seen=True, use_liger_kernel=training.use_liger_kernel,
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                                 target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+                                 task_type="CAUSAL_LM")
+        return _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds,
+                                      eval_dataset=eval_ds if training.eval_strategy != "no" else None,
+                                      processing_class=tok, peft_config=peft_config,
+                                      callbacks=_callbacks(training, log))
+
+    logger = get_run_logger()
+    plan = _batch_plan(work, training)
+    if plan["oom_fallbacks"]:
+        logger.warning("train: micro-batch %d x accumulation %d, kept from an earlier out-of-memory fallback",
+                       plan["per_device_batch_size"], plan["gradient_accumulation_steps"])
+    while True:
+        log: dict = {}
+        trainer = make_trainer(plan, log)
+        last = last_checkpoint(work)
+        try:
+            result = trainer.train(resume_from_checkpoint=last)
+            break
+        except Exception as exc:  # noqa: BLE001 - only out of memory is handled here
+            if not is_oom(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        step = trainer.state.global_step
+        del trainer  # free the accelerator's memory before trying again
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        plan = _halve_batch(work, plan, step, last_checkpoint(work), error)
+        logger.warning("train: out of memory at step %d (%s); retrying from %s with micro-batch %d x accumulation "
+                       "%d (same effective batch %d)", step, error, plan["oom_fallbacks"][-1]["resumed_from"] or
+                       "the start", plan["per_device_batch_size"], plan["gradient_accumulation_steps"],
+                       plan["per_device_batch_size"] * plan["gradient_accumulation_steps"])
+    args = trainer.args
     metrics = {**result.metrics, **log, "resumed_from_step": log.get("start_step", 0), "device": device,
-               "effective_batch": training.per_device_batch_size * training.gradient_accumulation_steps}
+               "effective_batch": plan["per_device_batch_size"] * plan["gradient_accumulation_steps"],
+               **plan}
     with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
                   metrics=metrics) as tmp:
         trainer.save_model(str(tmp / "adapter"))
