@@ -6,8 +6,13 @@ key names the artifact directory (``<store>/<stage>/<key>``) and Prefect's cache
 (``<store>/.prefect/<key>``). Before Prefect looks a key up, the artifact is verified: a deleted, half-written or
 tampered artifact drops the record, so the stage re-runs instead of handing a broken path downstream.
 
-Retries: transient errors (network, hub 5xx, I/O) are retried with backoff; ``StageFailure`` (bad config, bad
-data, a gated model without a token) and programming errors never are.
+Retries: transient errors (network, hub 5xx, I/O, CUDA out of memory) are retried with backoff; ``StageFailure``
+(bad config, bad data, a gated model without a token) and programming errors never are.
+
+Kills and concurrent runs: a stage computes under a file lock on its key (``Store.lock``), so a second run with the
+same inputs waits and then reuses the artifact instead of writing it too; a run killed after writing an artifact
+but before Prefect recorded it reuses the artifact on the next run. Each computed key is also recorded with its
+inputs in ``<store>/.keys/<stage>/<key>.json``, which ``sft-pipeline plan`` diffs to say why a stage would re-run.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +35,7 @@ from sft_pipeline.store import ArtifactRef, Store
 
 CODE_VERSION = "1"  # bump to invalidate every stage at once
 _CURRENT_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("sft_stage_key")
+_ATTEMPTS: dict[str, int] = {}  # task run id -> how many times its stage function was started (1 + retries)
 
 
 class StageFailure(RuntimeError):
@@ -51,19 +58,42 @@ def code_version(fn: Callable) -> str:
     return hashlib.sha256((CODE_VERSION + src).encode()).hexdigest()[:16]
 
 
-def stage_key(stage: str, fn: Callable, inputs: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
-    """The cache key from exactly what the stage depends on. Upstream refs count by fingerprint only."""
+def key_inputs(stage: str, fn: Callable, inputs: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict:
+    """What the key is made of: the stage, its code version, its inputs (upstream refs by fingerprint only)."""
     parts = {}
     for name, value in inputs.items():
         if name == "store" or name in ignore:
             continue
         parts[name] = value.fingerprint if isinstance(value, ArtifactRef) else _jsonable(value)
-    blob = json.dumps({"stage": stage, "code": code_version(fn), "inputs": parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return {"stage": stage, "code": code_version(fn), "inputs": parts}
+
+
+def _hash_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def stage_key(stage: str, fn: Callable, inputs: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """The cache key from exactly what the stage depends on. Upstream refs count by fingerprint only."""
+    return _hash_key(key_inputs(stage, fn, inputs, ignore))
 
 
 def records_dir(store: str | Path) -> Path:
     return Path(store).expanduser().resolve() / ".prefect"
+
+
+def keys_dir(store: str | Path, stage: str) -> Path:
+    return Path(store).expanduser().resolve() / ".keys" / stage
+
+
+def _record_intact(record: Path, artifact: Path) -> bool:
+    """Does Prefect's cache record read back, and name this artifact? (A kill can cut it short.)"""
+    from prefect.results import ResultRecord
+
+    try:
+        ref = ResultRecord.deserialize(record.read_bytes()).result
+    except Exception:  # noqa: BLE001 - unreadable in any way: not a record to trust
+        return False
+    return isinstance(ref, ArtifactRef) and Path(ref.path) == artifact
 
 
 @dataclass
@@ -77,9 +107,12 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         key = stage_key(self.stage, self.fn, inputs, self.ignore)
         store = Store(inputs["store"])
-        ok, _reason = store.check(self.stage, key)
-        if not ok:  # drop a stale record: the artifact it points to is gone or broken
-            (records_dir(store.root) / key).unlink(missing_ok=True)
+        record = records_dir(store.root) / key
+        if record.exists():
+            ok, _reason = store.check(self.stage, key)
+            # drop a stale record: the artifact it points to is gone or broken, or the record itself is cut short
+            if not ok or not _record_intact(record, store.artifact_dir(self.stage, key)):
+                record.unlink(missing_ok=True)
         return key
 
 
@@ -89,9 +122,9 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, (StageFailure, ConfigError)):
         return False
-    name = type(exc).__name__
-    if name in ("OutOfMemoryError",):
+    if is_oom(exc):
         return True
+    name = type(exc).__name__
     if name in ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError",
                 "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
         return False
@@ -109,12 +142,23 @@ def is_transient(exc: BaseException) -> bool:
     return name in ("HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError")
 
 
+def is_oom(exc: BaseException) -> bool:
+    """CUDA (or other accelerator) out of memory."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
 def _retry_condition(task_obj, task_run, state) -> bool:
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - we only classify it
         return is_transient(exc)
     return False
+
+
+def attempts(task_run_id) -> int | None:
+    """How many times this process started the stage of a task run (None: never, e.g. Prefect's cache hit)."""
+    return _ATTEMPTS.get(str(task_run_id))
 
 
 def current_key() -> str:
@@ -132,13 +176,32 @@ def _running(key: str):
         _CURRENT_KEY.reset(token)
 
 
-def stage_task(stage: str, *, retries: int = 0, retry_delays: list[float] | None = None,
+def _write_key_record(st: Store, stage: str, key: str, parts: dict, ref: ArtifactRef) -> None:
+    """Remember what this key was made of (for ``sft-pipeline plan``), written whole or not at all."""
+    record = keys_dir(st.root, stage) / f"{key}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{key}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**parts, "key": key, "fingerprint": ref.fingerprint}, default=str))
+    os.replace(tmp, record)
+
+
+def _log():
+    from prefect.logging import get_logger, get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - called outside a run (tests)
+        return get_logger("sft_pipeline")
+
+
+def stage_task(stage: str, *, retries: int = 2, retry_delays: list[float] | None = None,
                ignore: tuple[str, ...] = ()) -> Callable:
     """Turn ``fn(store, ...) -> ArtifactRef`` into a Prefect task cached by its stage key.
 
     ``ignore`` names inputs that must not change the key (e.g. where a secret is read from).
-    Inside the function, ``current_key()`` is the key of the artifact to write. If that artifact is already
-    complete (a previous run was killed after writing it but before Prefect recorded it), it is returned as is.
+    Inside the function, ``current_key()`` is the key of the artifact to write. The function runs under the
+    key's lock; if the artifact is already complete (another run wrote it while this one waited, or a previous run
+    was killed after writing it but before Prefect recorded it), it is returned as is.
     """
 
     def decorate(fn: Callable) -> Any:
@@ -146,13 +209,32 @@ def stage_task(stage: str, *, retries: int = 0, retry_delays: list[float] | None
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            from prefect.context import TaskRunContext
+
+            from sft_pipeline import faults
+
+            ctx = TaskRunContext.get()
+            if ctx is not None:
+                run_id = str(ctx.task_run.id)
+                _ATTEMPTS[run_id] = _ATTEMPTS.get(run_id, 0) + 1
             bound = sig.bind(*args, **kwargs)
-            key = stage_key(stage, fn, dict(bound.arguments), ignore)
-            done = Store(bound.arguments["store"]).ref(stage, key)
-            if done is not None:
-                return done
-            with _running(key):
-                return fn(*args, **kwargs)
+            parts = key_inputs(stage, fn, dict(bound.arguments), ignore)
+            key = _hash_key(parts)
+            st = Store(bound.arguments["store"])
+
+            def wait(holder: str) -> None:
+                _log().info("%s: waiting for %s, which is computing %s", stage, holder, key)
+
+            with st.lock(stage, key, on_wait=wait):
+                done = st.ref(stage, key)
+                if done is None:
+                    faults.point(stage, "start")
+                    with _running(key):
+                        done = fn(*args, **kwargs)
+                else:
+                    _log().info("%s: reusing the finished artifact %s", stage, done.path)
+            _write_key_record(st, stage, key, parts, done)
+            return done
 
         return task(
             run,

@@ -3,8 +3,11 @@
     sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
                      [--summary-json PATH]
     sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
+    sft-pipeline plan  (same options): which stages a run would reuse or compute, and why; runs nothing
 
 Exit codes: 0 done, 1 a stage failed (its message is printed), 2 bad config or arguments (before any stage runs).
+A killed or failed run resumes when the same command runs again (finished stages are reused, training continues
+from its last checkpoint).
 """
 from __future__ import annotations
 
@@ -17,16 +20,21 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft-pipeline", description="QLoRA fine-tuning as a Prefect flow of cached stages")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the seven stages (finished ones are reused)")
-    serve = sub.add_parser("serve", help="serve the flow as a Prefect deployment (runs from the UI, CLI, schedule)")
-    for cmd in (run, serve):  # for serve: the deployment's default parameters
-        cmd.add_argument("--recipe", default="tiny", help="recipe name or path to a recipe YAML (default: tiny)")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override a config field; repeatable")
-        cmd.add_argument("--store", default=None,
-                         help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
-    run.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
-                                                          "artifacts, eval metrics, adapter path) here")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--recipe", default="tiny", help="recipe name or path to a recipe YAML (default: tiny)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field; repeatable")
+    common.add_argument("--store", default=None,
+                        help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
+    summary = argparse.ArgumentParser(add_help=False)
+    summary.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
+                                                              "artifacts, eval metrics, adapter path) here; for "
+                                                              "plan: the plan")
+    sub.add_parser("run", parents=[common, summary], help="run the seven stages (finished ones are reused)")
+    sub.add_parser("plan", parents=[common, summary], help="say which stages a run would reuse or compute, and "
+                                                           "why; runs nothing")
+    serve = sub.add_parser("serve", parents=[common], help="serve the flow as a Prefect deployment (runs from the "
+                                                           "UI, CLI, schedule); --recipe/--set/--store: defaults")
     serve.add_argument("--name", default="served", help="deployment name (default: served): sft-pipeline/NAME")
     serve.add_argument("--cron", default=None, help="also run on this cron schedule, e.g. '0 3 * * *'")
     sub.add_parser("recipes", help="list the built-in recipes")
@@ -52,6 +60,8 @@ def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # the temporary server's first start (database migrations) can take over the default 20 s on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def _print_summary(summary: dict) -> None:
@@ -62,6 +72,10 @@ def _print_summary(summary: dict) -> None:
         ev = summary["eval"]
         print(f"\neval loss: base {ev['base']['eval_loss']:.4f} -> tuned {ev['tuned']['eval_loss']:.4f} "
               f"(perplexity {ev['base']['perplexity']:.1f} -> {ev['tuned']['perplexity']:.2f})")
+    for fb in summary.get("train", {}).get("oom_fallbacks", []):
+        print(f"training ran out of memory at step {fb['at_step']}: micro-batch {fb['from']['per_device_batch_size']}"
+              f" x accumulation {fb['from']['gradient_accumulation_steps']} -> {fb['to']['per_device_batch_size']} x "
+              f"{fb['to']['gradient_accumulation_steps']} (same effective batch)")
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}")
     if "promotion" in summary:
@@ -87,6 +101,21 @@ def _stop_prefect() -> None:
         pass
 
 
+def _plan(args) -> int:
+    from flows.sft import stages
+    from sft_pipeline.config import load_config
+    from sft_pipeline.plan import Planner, print_plan, write_plan
+    from sft_pipeline.store import Store, default_store
+
+    cfg = load_config(args.recipe, args.overrides)
+    planner = Planner(Store(args.store or default_store()), cfg)
+    stages(cfg, planner)
+    print_plan(planner.steps)
+    if args.summary_json:
+        write_plan(planner.steps, args.summary_json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from sft_pipeline.config import ConfigError, load_config, recipe_names
@@ -102,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _quiet_env()
+    if args.command == "plan":
+        return _plan(args)
     from flows.sft import sft
     from sft_pipeline.errors import failure_message
 

@@ -66,7 +66,9 @@ def base_model_path(model_cfg, store: Store, token: str | None = None) -> str:
     key = model_fingerprint(model_cfg)
     ref = store.ref("models", key)
     if ref is None:
-        _build(model_cfg, store, key)
+        with store.lock("models", key):  # two runs at once: one builds, the other waits and reuses
+            if store.ref("models", key) is None:
+                _build(model_cfg, store, key)
         ref = store.ref("models", key)
     return ref.path
 

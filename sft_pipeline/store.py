@@ -6,6 +6,7 @@ Layout under the store root::
     .work/<stage>/<key>/      a stage's scratch space that survives a crash (training checkpoints)
     .tmp/                     artifacts being written; renamed into place only when complete
     .prefect/                 Prefect's persisted task results (cache records)
+    .locks/                   one lock file per (stage, key): one writer at a time, even across processes
 
 A stage writes into a temp dir and renames it into place after writing ``manifest.json`` (files, sizes, hashes),
 so a killed process never leaves a half artifact that looks finished. ``Store.check`` re-verifies an artifact
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +30,7 @@ from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
 HASH_LIMIT = 512 * 2**20  # files larger than this are checked by size only (a 7B model would take minutes)
+WRITER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, in manifests and locks
 
 
 class ArtifactRef(BaseModel):
@@ -116,6 +119,35 @@ class Store:
     def manifest(self, ref: ArtifactRef) -> dict:
         return json.loads((Path(ref.path) / MANIFEST).read_text())
 
+    # ------------------------------------------------------------------ one writer at a time
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, on_wait=None) -> Iterator[None]:
+        """Hold an exclusive lock on ``<stage>/<key>`` (``fcntl.flock``): a second run waits here.
+
+        The kernel releases the lock when its holder dies, even by SIGKILL, so a killed run never blocks the next.
+        ``on_wait(holder)`` is called before waiting (holder: the ``WRITER_ID`` of the process that has it).
+        """
+        import fcntl
+
+        d = self.root / ".locks"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{stage}-{key}.lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    f.seek(0)
+                    on_wait(f.read().strip() or "another process")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(WRITER_ID)
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def write(self, stage: str, key: str, inputs: dict | None = None,
@@ -131,6 +163,9 @@ class Store:
         tmp.mkdir()
         try:
             yield tmp
+            from sft_pipeline import faults
+
+            faults.point(stage, "write")
             files = {}
             for p in sorted(tmp.rglob("*")):
                 if p.is_file() and p.name != MANIFEST:
@@ -140,7 +175,7 @@ class Store:
             _disk_full_fault(stage, tmp)
             manifest = {
                 "stage": stage, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "inputs": inputs or {}, "metrics": metrics or {}, "files": files,
+                "writer": WRITER_ID, "inputs": inputs or {}, "metrics": metrics or {}, "files": files,
                 "fingerprint": digest({"stage": stage, "files": files}),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

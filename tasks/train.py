@@ -1,10 +1,13 @@
 """Stage 4 — train: QLoRA with trl's SFTTrainer on the token ids of the format stage.
 
 The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too), LoRA is added by peft,
-attention is flash-attn when importable, else SDPA. Trainer checkpoints go to the stage's work dir
-(``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every ``training.save_minutes`` minutes,
-keeping the last ``training.save_total_limit``; a rerun after a crash resumes from the last one (optimizer,
-scheduler, RNG and data order restored). W&B logs when ``tracking.backend: wandb`` (offline without a key).
+attention is flash-attn when importable, else SDPA (flex attention for training on CUDA). Trainer checkpoints go to
+the stage's work dir (``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every
+``training.save_minutes`` minutes, keeping the last ``training.save_total_limit``; a rerun after a crash resumes from
+the last complete one (optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is
+skipped). CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the
+gradient accumulation (same effective batch), down to a micro-batch of 1; the fallback is kept in the work dir for
+reruns and reported in ``train_metrics.json``. W&B logs when ``tracking.backend: wandb`` (offline without a key).
 
 Speed on CUDA, by default (``training.auto_batch``): the micro-batch is made as large as free GPU memory allows
 without gradient checkpointing, and gradient accumulation shrinks to keep the recipe's effective batch; Liger
@@ -13,13 +16,16 @@ kernels when installed; fused AdamW; no fp32 upcast of the frozen bf16 weights. 
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
-from sft_pipeline.caching import current_key, stage_task
+from sft_pipeline import faults
+from sft_pipeline.caching import StageFailure, current_key, is_oom, stage_task
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
 from sft_pipeline.store import ArtifactRef, Store
 
@@ -117,14 +123,84 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
                 metrics["tokens_per_second_warm"] = round((state.num_input_tokens_seen - self.nw) / (now - self.tw), 1)
             metrics["steps"] = state.global_step
 
-    return [Checkpoint(), Throughput()]
+    class Fault(TrainerCallback):
+        """Test-only fault point ``train:step=N`` (after N steps and their checkpoint); off by default."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            faults.point("train", f"step={state.global_step}")
+
+    return [Checkpoint(), Throughput(), Fault()]
+
+
+def _resumable(trainer_cls):
+    """The trainer, resuming with each trainable weight in the dtype it trains in.
+
+    Trainer reloads a PEFT checkpoint with ``load_adapter``, which upcasts bf16 adapter weights to float32, while
+    trl trains QLoRA adapters in bf16: a resumed run would then train differently from an uninterrupted one.
+    """
+
+    class Resumable(trainer_cls):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in target.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    return Resumable
+
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest complete checkpoint in ``work``; ones cut short by a kill while saving are removed.
+
+    Trainer writes ``trainer_state.json`` last, after the adapter, optimizer, scheduler and RNG states.
+    """
+    def step(p: Path) -> int:
+        return int(p.name.rsplit("-", 1)[1])
+
+    found = [p for p in Path(work).glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    for ckpt in sorted(found, key=step, reverse=True):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            complete = state.get("global_step") == step(ckpt) and all(
+                any(f.stat().st_size > 0 for f in ckpt.glob(pattern))
+                for pattern in ("adapter_model.*", "optimizer.pt", "scheduler.pt", "rng_state*.pth"))
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            return str(ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: str) -> dict:
+    """Half the micro-batch, twice the accumulation: the same effective batch. Saved so a rerun keeps it."""
+    bs, ga = plan["per_device_batch_size"], plan["gradient_accumulation_steps"]
+    if bs == 1:
+        raise StageFailure(f"train: out of memory at training.per_device_batch_size=1 ({error}); lower "
+                           f"format.max_length, turn on training.gradient_checkpointing, or use a bigger GPU")
+    if bs % 2 == 0:
+        new = {"per_device_batch_size": bs // 2, "gradient_accumulation_steps": ga * 2}
+    else:  # an odd micro-batch goes to 1 × (bs × ga): still the same effective batch
+        new = {"per_device_batch_size": 1, "gradient_accumulation_steps": ga * bs}
+    fallback = {"at_step": step, "from": {"per_device_batch_size": bs, "gradient_accumulation_steps": ga},
+                "to": dict(new), "resumed_from": Path(resume).name if resume else None, "error": error[:300]}
+    plan = {**new, "oom_fallbacks": plan["oom_fallbacks"] + [fallback]}
+    tmp = Path(work) / "batch.json.tmp"
+    tmp.write_text(json.dumps(plan, indent=2))
+    os.replace(tmp, Path(work) / "batch.json")
+    return plan
 
 
 def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, quantization: QuantizationConfig,
                   lora: LoraSection, training: TrainingConfig, max_length: int, output_dir: str, device: str,
                   token: str | None = None, report_to: str = "none", run_name: str | None = None,
-                  extra_callbacks: list | None = None):
-    """The SFTTrainer this stage runs, with its speed settings. Returns (trainer, metrics dict filled by training)."""
+                  extra_callbacks: list | None = None, batch: dict | None = None):
+    """The SFTTrainer this stage runs, with its speed settings. Returns (trainer, metrics dict filled by training).
+
+    ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's.
+    """
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -136,6 +212,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     m.config.use_cache = False
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
     plan = plan_batch(training, m.config, max_length, free)
+    if batch:
+        plan.update(batch)
     if quantization.load_in_4bit and device == "cpu":
         # fp32 on CPU anyway; on CUDA this would upcast the frozen bf16 norms/embeddings/lm_head to fp32 (slower)
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=plan["gradient_checkpointing"],
@@ -167,9 +245,9 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     epochs_tokens = int(sum(min(n, max_length) for n in map(len, train_ds["input_ids"])) * training.epochs)
     metrics: dict = {"batch_plan": plan, "liger": liger, "optim": optim, "device": device,
                      "attn_implementation": m.config._attn_implementation}
-    trainer = SFTTrainer(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                         peft_config=peft_config,
-                         callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
+    trainer = _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                                     peft_config=peft_config,
+                                     callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
     log.warning("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
                                                                                "attn_implementation")}))
     return trainer, metrics
@@ -185,8 +263,9 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
     (attention implementation): the key does not depend on where secrets or logs go.
     """
     import datasets
+    import torch
+    from prefect import get_run_logger
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from sft_pipeline.models import base_model_path, resolve_device
     from sft_pipeline.secrets import hf_token_for, wandb_key
@@ -213,14 +292,41 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         os.environ["WANDB_PROJECT"] = tracking.project
         report_to = "wandb"
 
-    trainer, metrics = build_trainer(
-        train_ds, eval_ds if training.eval_strategy != "no" else None, tok, base_model_path(model, st, token),
-        model, quantization, lora, training, max_length, str(work), device, token, report_to,
-        tracking.run_name or f"sft-{key[:8]}")
-    last = get_last_checkpoint(str(work)) if any(Path(work).glob("checkpoint-*")) else None
-    result = trainer.train(resume_from_checkpoint=last)
+    logger = get_run_logger()
+    saved = Path(work) / "batch.json"  # an out-of-memory fallback of an earlier attempt, kept for reruns
+    batch = json.loads(saved.read_text()) if saved.is_file() else None
+    if batch:
+        logger.warning("train: micro-batch %d x accumulation %d, kept from an earlier out-of-memory fallback",
+                       batch["per_device_batch_size"], batch["gradient_accumulation_steps"])
+    while True:
+        trainer, metrics = build_trainer(
+            train_ds, eval_ds if training.eval_strategy != "no" else None, tok, base_model_path(model, st, token),
+            model, quantization, lora, training, max_length, str(work), device, token, report_to,
+            tracking.run_name or f"sft-{key[:8]}", batch=batch)
+        last = last_checkpoint(work)
+        try:
+            result = trainer.train(resume_from_checkpoint=last)
+            break
+        except Exception as exc:  # noqa: BLE001 - only out of memory is handled here
+            if not is_oom(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        step = trainer.state.global_step
+        plan = {**metrics["batch_plan"], "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])}
+        del trainer  # free the accelerator's memory before trying again
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        batch = _halve_batch(work, plan, step, last_checkpoint(work), error)
+        logger.warning("train: out of memory at step %d (%s); retrying from %s with micro-batch %d x accumulation "
+                       "%d (same effective batch %d)", step, error, batch["oom_fallbacks"][-1]["resumed_from"] or
+                       "the start", batch["per_device_batch_size"], batch["gradient_accumulation_steps"],
+                       batch["per_device_batch_size"] * batch["gradient_accumulation_steps"])
     metrics.update(result.metrics)
     metrics["resumed_from_step"] = metrics.get("start_step", 0)
+    metrics["oom_fallbacks"] = (batch or {}).get("oom_fallbacks", [])
+    metrics.update({k: metrics["batch_plan"][k] for k in ("per_device_batch_size", "gradient_accumulation_steps",
+                                                          "effective_batch")})
     with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
                   metrics=metrics) as tmp:
         trainer.save_model(str(tmp / "adapter"))

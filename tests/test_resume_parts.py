@@ -1,0 +1,139 @@
+"""The pieces behind resuming, fast: fault points, the per-key lock, checkpoint choice, the OOM batch plan,
+stale cache records and which errors are retried."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_pipeline import faults
+from sft_pipeline.caching import StageCache, StageFailure, is_transient, records_dir, stage_key
+from sft_pipeline.config import ConfigError, load_config
+from sft_pipeline.store import Store
+from tasks.download import download_data
+from tasks.train import _batch_plan, _halve_batch, last_checkpoint
+
+
+def test_fault_points_are_off_by_default_and_fire_once(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.point("train", "step=3")  # nothing happens
+    monkeypatch.setenv(faults.ENV, "train:step=3:oom,data:start:ioerror")
+    monkeypatch.setattr(faults, "_fired", set())
+    faults.point("train", "step=2")
+    with pytest.raises(torch.OutOfMemoryError) as oom:
+        faults.point("train", "step=3")
+    faults.point("train", "step=3")  # once per process: a resumed run gets past it
+    with pytest.raises(OSError) as io:
+        faults.point("data", "start")
+    assert is_transient(oom.value) and is_transient(io.value) and io.value.errno == errno.EIO
+    monkeypatch.setenv(faults.ENV, "train:step=3:explode")
+    with pytest.raises(ValueError, match="SFT_PIPELINE_FAULT"):
+        faults.point("train", "step=3")
+
+
+def test_config_and_data_errors_are_not_transient():
+    assert not is_transient(StageFailure("data: 90 of 100 rows are invalid"))
+    assert not is_transient(ConfigError("lora.r: must be >= 1"))
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "no such file"))
+    assert not is_transient(OSError(errno.ENOSPC, "disk full"))
+    assert not is_transient(ValueError("a bug"))
+    assert is_transient(ConnectionError("reset")) and is_transient(RuntimeError("CUDA out of memory. Tried ..."))
+
+
+def test_lock_makes_a_second_writer_wait(tmp_path):
+    st = Store(tmp_path)
+    order, waited = [], []
+
+    def second():
+        with st.lock("train", "k", on_wait=waited.append):
+            order.append("second")
+
+    with st.lock("train", "k"):
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        order.append("first done")
+    t.join(10)
+    assert order == ["first done", "second"]
+    assert waited and ":" in waited[0]  # told who holds it (host:pid:id)
+
+
+def test_lock_of_a_killed_holder_is_free(tmp_path):
+    code = ("import sys, time; from sft_pipeline.store import Store; "
+            "cm = Store(sys.argv[1]).lock('train', 'k'); cm.__enter__(); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline().strip() == "held"
+    got = []
+
+    def take():
+        with Store(tmp_path).lock("train", "k"):
+            got.append(1)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert not got  # still held
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t.join(10)
+    assert got == [1]
+
+
+def _checkpoint(work: Path, step: int, complete: bool = True) -> Path:
+    d = work / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (d / name).write_bytes(b"x")
+    if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return d
+
+
+def test_last_checkpoint_skips_one_cut_short_by_a_kill(tmp_path):
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4)
+    cut = _checkpoint(tmp_path, 6, complete=False)  # killed while saving: no trainer_state.json yet
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not cut.exists()
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_checkpoint(tmp_path / "checkpoint-2" / "none") is None
+
+
+def test_oom_halves_micro_batch_and_keeps_effective_batch(tmp_path):
+    cfg = load_config("tiny", ["training.per_device_batch_size=8", "training.gradient_accumulation_steps=2"])
+    plan = _batch_plan(tmp_path, cfg.training)
+    assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (8, 2)
+    plan = _halve_batch(tmp_path, plan, 7, str(tmp_path / "checkpoint-6"), "OutOfMemoryError: CUDA out of memory")
+    assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (4, 4)
+    assert plan["oom_fallbacks"][0]["resumed_from"] == "checkpoint-6"
+    assert _batch_plan(tmp_path, cfg.training) == plan  # a rerun after a crash keeps the lower micro-batch
+    odd = _halve_batch(tmp_path, {**plan, "per_device_batch_size": 3, "gradient_accumulation_steps": 2}, 1, None,
+                       "oom")
+    assert (odd["per_device_batch_size"], odd["gradient_accumulation_steps"]) == (1, 6)
+    with pytest.raises(StageFailure, match="per_device_batch_size=1"):
+        _halve_batch(tmp_path, odd, 2, None, "oom")
+
+
+def test_cut_short_or_orphaned_cache_record_is_dropped(tmp_path):
+    cfg = load_config("tiny")
+    inputs = {"store": str(tmp_path), "data": cfg.data, "source": "s", "auth": None}
+    policy = StageCache(stage="data", fn=download_data.fn.__wrapped__, ignore=("auth",))
+    key = stage_key("data", policy.fn, inputs, policy.ignore)
+    with Store(tmp_path).write("data", key) as d:
+        (d / "x").write_text("rows")
+    record = records_dir(tmp_path) / key
+    record.parent.mkdir(parents=True)
+    record.write_text('{"metadata": {"storage_key": "')  # a kill while Prefect wrote it
+    assert policy.compute_key(None, inputs, {}) == key
+    assert not record.exists()
