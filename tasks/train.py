@@ -174,6 +174,15 @@ def last_checkpoint(work: Path) -> str | None:
     return None
 
 
+def _batch_plan(work: Path, training: TrainingConfig) -> dict:
+    """Micro-batch and accumulation to train with: the config's, unless an out-of-memory fallback lowered them."""
+    saved = Path(work) / "batch.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    return {"per_device_batch_size": training.per_device_batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps, "oom_fallbacks": []}
+
+
 def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: str) -> dict:
     """Half the micro-batch, twice the accumulation: the same effective batch. Saved so a rerun keeps it."""
     bs, ga = plan["per_device_batch_size"], plan["gradient_accumulation_steps"]
@@ -293,8 +302,8 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         report_to = "wandb"
 
     logger = get_run_logger()
-    saved = Path(work) / "batch.json"  # an out-of-memory fallback of an earlier attempt, kept for reruns
-    batch = json.loads(saved.read_text()) if saved.is_file() else None
+    # an out-of-memory fallback of an earlier attempt is kept for reruns; else build_trainer plans the batch
+    batch = _batch_plan(work, training) if (Path(work) / "batch.json").is_file() else None
     if batch:
         logger.warning("train: micro-batch %d x accumulation %d, kept from an earlier out-of-memory fallback",
                        batch["per_device_batch_size"], batch["gradient_accumulation_steps"])
