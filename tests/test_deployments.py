@@ -1,6 +1,6 @@
 """The deployments against a real Prefect server, used the way people will use them.
 
-One `prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME, a free port from 4310), the process work
+One `prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME, a free port in 4310-4999), the process work
 pool, `prefect deploy` of deployments/prefect.yaml and one `prefect worker start`; runs are triggered with
 `prefect deployment run ... --param`, from the UI in headless Chromium, by a schedule, and through
 `sft-pipeline serve`. The worker shares the store of the session's tiny run, so unchanged inputs come back Cached.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -33,15 +34,16 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def _free_port(start: int = 4310) -> int:
-    for port in range(start, start + 200):
+def _free_port() -> int:
+    """A free port from 4310-4999, picked at random: other sessions' test servers may be starting too."""
+    for port in random.sample(range(4310, 5000), 690):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port from 4310 on")
+    raise RuntimeError("no free port in 4310-4999")
 
 
 class PrefectServer:
@@ -49,13 +51,15 @@ class PrefectServer:
 
     def __init__(self, home: Path):
         self.home = home
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{self.url}/api",
-                    "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(self.port),
+        self.procs: list[subprocess.Popen] = []
+        self._use_port(_free_port())
+
+    def _use_port(self, port: int) -> None:
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": f"{self.url}/api",
+                    "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
         self.env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # SQLite under PREFECT_HOME
-        self.procs: list[subprocess.Popen] = []
 
     def spawn(self, *cmd: str, log: str, env: dict | None = None) -> subprocess.Popen:
         out = open(self.home / log, "ab")
@@ -82,18 +86,22 @@ class PrefectServer:
             self.stop(proc)
 
     def start(self) -> None:
+        """Start `prefect server start` and wait until *our* server answers (its settings name our PREFECT_HOME);
+        if another session's server took the port first, ours exits and we try another port."""
         self.home.mkdir(parents=True, exist_ok=True)
-        proc = self.spawn(PREFECT, "server", "start", log="server.log")
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, (self.home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError("prefect server did not answer /api/health in 240 s")
+        for _ in range(3):
+            proc = self.spawn(PREFECT, "server", "start", log="server.log")
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None:
+                try:
+                    if httpx.get(f"{self.url}/api/admin/settings", timeout=5).json().get("home") == str(self.home):
+                        return
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(1)
+            self.stop(proc)
+            self._use_port(_free_port())
+        raise AssertionError("our prefect server did not come up: " + (self.home / "server.log").read_text()[-3000:])
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([PREFECT, *args], cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True,
