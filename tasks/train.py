@@ -228,7 +228,8 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
                 raise
             error = f"{type(exc).__name__}: {exc}"
         step = trainer.state.global_step
-        del trainer  # free the accelerator's memory before trying again
+        trainer.accelerator.free_memory()  # drop every reference to the model and optimizer before trying again
+        del trainer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
