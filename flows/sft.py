@@ -6,10 +6,10 @@ Each stage is a task in ``tasks/`` that takes the config sections it reads and i
 (path + fingerprint) and returns its own artifact; its cache key is built from exactly those, so a rerun skips
 every finished stage and ``--set lora.r=4`` re-runs only train → generate.
 
-Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``).
+Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m flows.sft run ...``); deploy it: ``deployments/``.
 """
-from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -18,10 +18,12 @@ from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
-from sft_pipeline import secrets
+from sft_pipeline import preflight, promote, secrets
 from sft_pipeline.caching import attempts, bind_store
-from sft_pipeline.config import PipelineConfig, load_config
+from sft_pipeline.config import ConfigError, OverrideValue, PipelineConfig, RecipeName, load_config
+from sft_pipeline.errors import failure_message
 from sft_pipeline.models import describe, model_fingerprint
 from sft_pipeline.store import WRITER_ID, ArtifactRef, Store, default_store
 from tasks.authenticate import authenticate
@@ -58,8 +60,9 @@ class StageRunner:
             try:
                 state.result()
             except BaseException as exc:  # noqa: BLE001 - reported in the summary, then re-raised
-                record["error"] = f"{type(exc).__name__}: {exc}"
+                record["error"] = failure_message(exc)
                 self.write_summary(failed=stage.name)
+                exc.sft_stage = stage.name  # for the flow's one-line failure (see fail_cleanly)
                 raise
         ref: ArtifactRef = state.result()
         record["artifact"] = ref.path
@@ -72,7 +75,8 @@ class StageRunner:
     def write_summary(self, failed: str | None = None, running: bool = False, **extra) -> dict:
         status = "Failed" if failed else "Running" if running else "Completed"
         summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
-                   "flow_run_id": str(flow_run.id), "status": status, "stages": self.stages, **extra}
+                   "flow_run_id": str(flow_run.id), "status": status, "stages": self.stages,
+                   "config": self.cfg.model_dump(mode="json"), **extra}
         paths = [self.run_file]
         if self.summary_path:
             paths.append(Path(self.summary_path))
@@ -94,6 +98,8 @@ def stages(cfg: PipelineConfig, run: Callable[..., ArtifactRef]) -> dict[str, Ar
 
     auth = run(authenticate, auth=cfg.auth, model=cfg.model, data=cfg.data, tracking=cfg.tracking, found=found)
     data = run(download_data, data=cfg.data, source=source_fingerprint(cfg.data), auth=auth)
+    if isinstance(run, StageRunner):  # rows kept, invalid rows per reason, in the summary
+        run.stages["data"]["splits"] = data.read_json("stats.json")["splits"]
     chats = run(format_chats, data=data, splits=splits, model=cfg.model, base=base, fmt=cfg.format, auth=auth)
     tuned = run(train, chats=chats, train_split=splits[0], test_split=splits[1], model=cfg.model, base=base,
                 model_settings={"attn_implementation": cfg.model.attn_implementation},
@@ -111,27 +117,55 @@ def stages(cfg: PipelineConfig, run: Callable[..., ArtifactRef]) -> dict[str, Ar
             "save_adapter": adapter, "generate": samples}
 
 
+
+def fail_cleanly(fn):
+    """End the flow run Failed with one line when a stage failed or the config is bad, instead of a traceback.
+
+    The failed stage's own log has the details; the caller of ``sft()`` still gets the exception.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only ours are turned into a Failed state
+            if getattr(exc, "sft_stage", None) is None and not isinstance(exc, ConfigError):
+                raise
+            return Failed(message=failure_message(exc), data=exc)
+
+    return wrapper
+
+
 @flow(name="sft-pipeline")
-def sft(recipe: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
-        summary_json: str | None = None) -> dict:
-    """Fine-tune a causal LM with QLoRA: seven cached stages.
+@fail_cleanly
+def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None = None, store: str | None = None,
+        summary_json: str | None = None, recipe_file: str | None = None) -> dict:
+    """Fine-tune a causal LM with QLoRA: seven cached stages, then promote the adapter if it is the best so far.
 
     Args:
-        recipe: a recipe name (tiny, mistral-7b-qlora, zephyr-7b-qlora) or a path to a recipe YAML.
-        overrides: ``section.key=value`` items applied on top of the recipe, e.g. ``lora.r=4``.
-        store: the artifact store directory (default ``$SFT_PIPELINE_STORE`` or ``~/.cache/sft-pipeline``).
+        recipe: a built-in recipe: tiny (offline CPU demo), mistral-7b-qlora (the seed notebook), zephyr-7b-qlora.
+        overrides: config fields to change, as {"section.key": value}, e.g. {"lora.r": 4, "training.max_steps": 20}.
+            The whole config is validated before any stage runs. Secrets are never values: name Prefect Secret
+            blocks instead ({"auth.hf_token_block": "my-hf-token"}).
+        store: the artifact store directory (default $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline); shared storage
+            when workers run on several machines.
         summary_json: also write the run summary to this path.
+        recipe_file: a recipe YAML on the machine that runs the flow, used instead of recipe.
     """
-    cfg = load_config(recipe, overrides or [])
+    cfg = load_config(recipe_file or recipe, overrides or {})
+    preflight.check(cfg)
     st = Store(store or default_store())
     st.clean_tmp()
     run = StageRunner(st, cfg, summary_json)
     out = stages(cfg, run)
     metrics, adapter, samples, tuned = out["evaluate"], out["save_adapter"], out["generate"], out["train"]
+    promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=out["format"],
+                                 test_split=cfg.data.test_split, flow_run=flow_run.get_id())
     summary = run.write_summary(eval=metrics.read_json("metrics.json"), adapter=adapter.path,
                                 samples=samples.file("samples.json").as_posix(),
-                                train=tuned.read_json("train_metrics.json"))
-    get_run_logger().info("adapter: %s", adapter.path)
+                                train=tuned.read_json("train_metrics.json"), promotion=promotion)
+    get_run_logger().info("adapter: %s; promoted: %s (%s)", adapter.path, promotion["promoted"],
+                          promotion["reason"])
     return summary
 
 

@@ -16,6 +16,7 @@ inputs in ``<store>/.keys/<stage>/<key>.json``, which ``sft-pipeline plan`` diff
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -165,6 +166,16 @@ def current_key() -> str:
     return _CURRENT_KEY.get()
 
 
+@contextlib.contextmanager
+def _running(key: str):
+    """``current_key()`` is ``key`` inside. (A module-level helper keeps stage tasks picklable, for flow.serve.)"""
+    token = _CURRENT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _CURRENT_KEY.reset(token)
+
+
 def _write_key_record(st: Store, stage: str, key: str, parts: dict, ref: ArtifactRef) -> None:
     """Remember what this key was made of (for ``sft-pipeline plan``), written whole or not at all."""
     record = keys_dir(st.root, stage) / f"{key}.json"
@@ -218,11 +229,8 @@ def stage_task(stage: str, *, retries: int = 2, retry_delays: list[float] | None
                 done = st.ref(stage, key)
                 if done is None:
                     faults.point(stage, "start")
-                    token = _CURRENT_KEY.set(key)
-                    try:
+                    with _running(key):
                         done = fn(*args, **kwargs)
-                    finally:
-                        _CURRENT_KEY.reset(token)
                 else:
                     _log().info("%s: reusing the finished artifact %s", stage, done.path)
             _write_key_record(st, stage, key, parts, done)

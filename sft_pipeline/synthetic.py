@@ -53,5 +53,24 @@ def conversations(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def splits(train_rows: int, test_rows: int, seed: int = 0) -> dict[str, list[dict]]:
-    return {"train_sft": conversations(train_rows, seed), "test_sft": conversations(test_rows, seed + 1)}
+def long_conversations(n: int, seed: int) -> list[dict]:
+    """Conversations with ultrachat-like lengths (lognormal, mean ~1,300 tokens, long tail), for speed work."""
+    rng = random.Random(seed)
+    vocab = [a + b for a in WORDS for b in ("", "s", "ing", "ed", "er", "ly")] + list(COLOURS) + list(SOUNDS)
+    rows = []
+    for _ in range(n):
+        target_words = max(40, min(3000, int(rng.lognormvariate(6.44, 0.55))))  # ~1.8 tokens per word
+        messages, left = [], target_words
+        while left > 0:
+            q = " ".join(rng.choices(vocab, k=min(left, rng.randint(10, 60)))) + "?"
+            a = " ".join(rng.choices(vocab, k=max(1, min(left, rng.randint(80, 400))))) + "."
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            left -= len(q.split()) + len(a.split())
+        rows.append({"prompt": messages[0]["content"],
+                     "prompt_id": hashlib.sha256(messages[0]["content"].encode()).hexdigest(), "messages": messages})
+    return rows
+
+
+def splits(train_rows: int, test_rows: int, seed: int = 0, style: str = "chat") -> dict[str, list[dict]]:
+    make = long_conversations if style == "long" else conversations
+    return {"train_sft": make(train_rows, seed), "test_sft": make(test_rows, seed + 1)}

@@ -13,58 +13,23 @@ from collections import Counter
 from pathlib import Path
 
 from sft_pipeline.caching import StageFailure, current_key, stage_task
+from sft_pipeline.chat_data import chat_problem, local_files, split_files
 from sft_pipeline.config import DataConfig, Subset
 from sft_pipeline.store import ArtifactRef, Store, digest, file_sha256
 
-ROLES = ("system", "user", "assistant")
-
 
 def source_fingerprint(data: DataConfig) -> str:
-    """What identifies the data's content before downloading: revision, or the hash of local files' bytes."""
+    """What identifies the data's content before downloading: the revision's commit, or local files' bytes."""
     if data.source == "hub":
-        return digest({"hub": data.dataset, "revision": data.revision})
+        from sft_pipeline.hub import dataset_commit
+
+        return digest({"hub": data.dataset, "revision": data.revision,
+                       "commit": dataset_commit(data.dataset, data.revision)})
     if data.source == "synthetic":
         from sft_pipeline import synthetic
 
         return digest({"synthetic": synthetic.VERSION})
-    return digest({p: file_sha256(Path(p)) for p in _local_files(data)})
-
-
-def _local_files(data: DataConfig) -> list[str]:
-    root = Path(data.dataset).expanduser()
-    if root.is_file():
-        return [str(root.resolve())]
-    if not root.is_dir():
-        raise StageFailure(f"data.dataset: local path not found: {root}")
-    files = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
-    if not files:
-        raise StageFailure(f"data.dataset: no .parquet/.jsonl/.json files under {root}")
-    return files
-
-
-def row_problem(messages) -> str | None:
-    """Why a row breaks the chat schema, or None when it is fine."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return "messages is not a non-empty list"
-    expected = "user"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) < {"role", "content"}:
-            return "a message is not a {role, content} mapping"
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            return f"unknown role {role!r}"
-        if not isinstance(content, str) or not content.strip():
-            return "empty or non-string content"
-        if role == "system":
-            if i != 0:
-                return "system message not first"
-            continue
-        if role != expected:
-            return "user/assistant turns do not alternate"
-        expected = "assistant" if role == "user" else "user"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn"
-    return None
+    return digest({p: file_sha256(Path(p)) for p in local_files(data)})
 
 
 def _subset(ds, subset: Subset, selection: str, seed: int):
@@ -95,21 +60,18 @@ def _load(data: DataConfig, token: str | None):
     if data.source == "synthetic":
         from sft_pipeline import synthetic
 
-        rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed)
+        rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed,
+                                style=data.synthetic_style)
         return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}), "synthetic"
-    files = _local_files(data)
-    by_split: dict[str, list[str]] = {}
-    for f in files:
-        name = Path(f).stem
-        split = next((s for s in (data.train_split, data.test_split) if name == s or name.startswith(s + "-")
-                      or Path(f).parent.name == s), None)
-        if split:
-            by_split.setdefault(split, []).append(f)
+    files = local_files(data)
+    by_split = split_files(data, files)
     fmt = data.format if data.format != "auto" else ("parquet" if files[0].endswith(".parquet") else "json")
-    if not by_split:
-        raise StageFailure(f"data.dataset: no files named after the splits {data.train_split!r}/{data.test_split!r} "
-                           f"under {data.dataset} (e.g. {data.train_split}.parquet or {data.train_split}/*.parquet)")
-    return datasets.load_dataset(fmt, data_files=by_split), data.dataset
+    try:
+        return datasets.load_dataset(fmt, data_files=by_split), data.dataset
+    except Exception as e:  # noqa: BLE001 - an unreadable file is bad input: say which, never retry
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise StageFailure(f"data.dataset: could not read the {fmt} files under {data.dataset} as a table "
+                           f"({type(e).__name__}: {text})") from None
 
 
 @stage_task("data", retries=2, ignore=("auth",))
@@ -132,7 +94,7 @@ def download_data(store: str, data: DataConfig, source: str, auth: ArtifactRef) 
                 raise StageFailure(f"data: split {split!r} has no 'messages' column (columns: {ds.column_names})")
             total = len(ds)
             ds = _subset(ds, subset, data.selection, data.seed)
-            problems = [row_problem(m) for m in ds["messages"]]
+            problems = [chat_problem(m) for m in ds["messages"]]
             reasons = Counter(p for p in problems if p)
             bad = [i for i, p in enumerate(problems) if p]
             if ds.num_rows and len(bad) / ds.num_rows > data.max_invalid_share:
@@ -142,6 +104,9 @@ def download_data(store: str, data: DataConfig, source: str, auth: ArtifactRef) 
             if bad:
                 keep = set(range(ds.num_rows)) - set(bad)
                 ds = ds.select(sorted(keep))
+            if not ds.num_rows:
+                raise StageFailure(f"data: split {split!r} has no valid rows left (after subsetting and dropping "
+                                   f"{len(bad)} invalid ones)")
             ds.to_parquet(str(tmp / f"{split}.parquet"))
             stats["splits"][split] = {"available": total, "rows": ds.num_rows, "invalid": len(bad),
                                       "invalid_reasons": dict(reasons)}

@@ -30,11 +30,15 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
     import datasets
 
     from sft_pipeline.models import base_model_path, load_tokenizer
-
+    from sft_pipeline.preflight import template_overhead
     from sft_pipeline.secrets import hf_token_for
 
     st = Store(store)
     tok = load_tokenizer(base_model_path(model, st), model, fmt.chat_template, token=hf_token_for(auth, model))
+    overhead = template_overhead(tok, fmt.system_message)
+    if fmt.max_length <= overhead:
+        raise StageFailure(f"format.max_length={fmt.max_length} is not longer than the chat template's own "
+                           f"overhead ({overhead} tokens)")
     stats = {}
     with st.write("format", current_key(), inputs={"format": fmt.model_dump(), "base": base}, metrics=stats) as tmp:
         for split in splits:
@@ -58,12 +62,6 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
             enc = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names,
                          desc=f"tokenize {split}")
             lengths = enc["length"]
-            overhead = len(tok.apply_chat_template([{"role": "user", "content": "x"},
-                                                    {"role": "assistant", "content": "y"}], tokenize=True,
-                                                   return_dict=True)["input_ids"])
-            if fmt.max_length <= overhead:
-                raise StageFailure(f"format.max_length={fmt.max_length} is not longer than the chat template's own "
-                                   f"overhead ({overhead} tokens)")
             if fmt.assistant_only_loss and not any(any(m) for m in enc["assistant_masks"][:50]):
                 raise StageFailure("format.assistant_only_loss needs a chat template with {% generation %} marks "
                                    "(use format.chat_template=zephyr)")

@@ -1,18 +1,24 @@
 """Stage 4 — train: QLoRA with trl's SFTTrainer on the token ids of the format stage.
 
 The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too), LoRA is added by peft,
-attention is flash-attn when importable, else SDPA. Trainer checkpoints go to the stage's work dir
-(``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every ``training.save_minutes`` minutes,
-keeping the last ``training.save_total_limit``; a rerun after a crash resumes from the last complete one
-(optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is skipped).
-CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the gradient
-accumulation (same effective batch), down to a micro-batch of 1; the fallback is kept in the work dir for reruns
-and reported in ``train_metrics.json``. W&B logs when ``tracking.backend: wandb`` (offline without a key).
+attention is flash-attn when importable, else SDPA (flex attention for training on CUDA). Trainer checkpoints go to
+the stage's work dir (``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every
+``training.save_minutes`` minutes, keeping the last ``training.save_total_limit``; a rerun after a crash resumes from
+the last complete one (optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is
+skipped). CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the
+gradient accumulation (same effective batch), down to a micro-batch of 1; the fallback is kept in the work dir for
+reruns and reported in ``train_metrics.json``. W&B logs when ``tracking.backend: wandb`` (offline without a key).
+
+Speed on CUDA, by default (``training.auto_batch``): the micro-batch is made as large as free GPU memory allows
+without gradient checkpointing, and gradient accumulation shrinks to keep the recipe's effective batch; Liger
+kernels when installed; fused AdamW; no fp32 upcast of the frozen bf16 weights. ``build_trainer`` is what
+``bench/`` times.
 """
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,8 +29,47 @@ from sft_pipeline.caching import StageFailure, current_key, is_oom, stage_task
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
 from sft_pipeline.store import ArtifactRef, Store, fsync_tree
 
+log = logging.getLogger("sft_pipeline.train")
+# activation bytes per (token x hidden unit x layer) for a QLoRA step without checkpointing, measured on an H100
+# (Mistral-7B architecture, 2048 tokens, SDPA: 12.5 GiB for one sequence); with checkpointing only layer inputs stay
+ACT_BYTES, ACT_BYTES_CKPT = 52, 6
 
-def _callbacks(training: TrainingConfig, log: dict):
+
+def plan_batch(training: TrainingConfig, model_config, max_length: int, free_bytes: int | None) -> dict:
+    """Micro-batch, accumulation and checkpointing for the recipe's effective batch and the memory there is."""
+    effective = training.per_device_batch_size * training.gradient_accumulation_steps
+    plan = {"per_device_batch_size": training.per_device_batch_size, "gradient_checkpointing":
+            training.gradient_checkpointing, "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "effective_batch": effective, "auto": False}
+    if not training.auto_batch or free_bytes is None:
+        return plan
+    per_seq = model_config.hidden_size * model_config.num_hidden_layers * max_length
+    budget = 0.8 * free_bytes
+    divisors = [d for d in range(1, effective + 1) if effective % d == 0]
+    fits = [d for d in divisors if d * per_seq * ACT_BYTES <= budget and d <= 16]
+    if fits:
+        micro, ckpt = max(fits), False
+    else:
+        fits = [d for d in divisors if d * per_seq * ACT_BYTES_CKPT <= budget and d <= 16] or [1]
+        micro, ckpt = max(fits), True
+    return {"per_device_batch_size": micro, "gradient_checkpointing": ckpt,
+            "gradient_accumulation_steps": effective // micro, "effective_batch": effective, "auto": True,
+            "free_gib": round(free_bytes / 2**30, 1)}
+
+
+def _liger(training: TrainingConfig, device: str) -> bool:
+    if training.use_liger_kernel != "auto":
+        return bool(training.use_liger_kernel)
+    if device != "cuda":
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
     import torch
     from transformers import TrainerCallback
 
@@ -43,21 +88,41 @@ def _callbacks(training: TrainingConfig, log: dict):
             seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     class Throughput(TrainerCallback):
-        """Tokens per second over the steps of this process (trained tokens, padding excluded)."""
+        """Trained tokens per second (padding excluded), and an estimate of time and cost after warm-up."""
+
+        warm = 3
 
         def on_train_begin(self, args, state, control, **kw):
-            log["start_step"] = state.global_step
+            metrics["start_step"] = state.global_step
             self.t0, self.n0 = time.perf_counter(), state.num_input_tokens_seen
+            self.tw = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step - metrics["start_step"] == self.warm:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.tw, self.nw = time.perf_counter(), state.num_input_tokens_seen
+            elif self.tw and state.global_step - metrics["start_step"] == 2 * self.warm:
+                rate = (state.num_input_tokens_seen - self.nw) / (time.perf_counter() - self.tw)
+                left = max(total_tokens - state.num_input_tokens_seen, 0)
+                est = {"tokens_per_second": round(rate), "tokens": total_tokens, "hours": round(left / rate / 3600, 3)}
+                if training.price_per_hour is not None:
+                    est["cost"] = round(est["hours"] * training.price_per_hour, 2)
+                metrics["estimate"] = est
+                log.warning("estimate: %s tokens at %s tok/s -> %.2f h%s", total_tokens, est["tokens_per_second"],
+                            est["hours"], f", cost {est['cost']}" if "cost" in est else "")
 
         def on_train_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-                log["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            dt = time.perf_counter() - self.t0
-            log["train_seconds"] = round(dt, 2)
-            log["tokens"] = int(state.num_input_tokens_seen - self.n0)
-            log["tokens_per_second"] = round(log["tokens"] / dt, 1) if dt > 0 else None
-            log["steps"] = state.global_step
+                metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            now = time.perf_counter()
+            metrics["train_seconds"] = round(now - self.t0, 2)
+            metrics["tokens"] = int(state.num_input_tokens_seen - self.n0)
+            metrics["tokens_per_second"] = round(metrics["tokens"] / (now - self.t0), 1)
+            if self.tw and state.num_input_tokens_seen > self.nw:  # steady state, warm-up excluded
+                metrics["tokens_per_second_warm"] = round((state.num_input_tokens_seen - self.nw) / (now - self.tw), 1)
+            metrics["steps"] = state.global_step
 
     class Fault(TrainerCallback):
         """Test-only fault point ``train:step=N`` (after N steps and their checkpoint); off by default."""
@@ -138,6 +203,66 @@ def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: s
     return plan
 
 
+def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, quantization: QuantizationConfig,
+                  lora: LoraSection, training: TrainingConfig, max_length: int, output_dir: str, device: str,
+                  token: str | None = None, report_to: str = "none", run_name: str | None = None,
+                  extra_callbacks: list | None = None, batch: dict | None = None):
+    """The SFTTrainer this stage runs, with its speed settings. Returns (trainer, metrics dict filled by training).
+
+    ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's.
+    """
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from sft_pipeline.models import load_model
+
+    m = load_model(model_path, model, quantization, device, token, training=True)
+    # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
+    m.config.use_cache = False
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+    plan = plan_batch(training, m.config, max_length, free)
+    if batch:
+        plan.update(batch)
+    if quantization.load_in_4bit and device == "cpu":
+        # fp32 on CPU anyway; on CUDA this would upcast the frozen bf16 norms/embeddings/lm_head to fp32 (slower)
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=plan["gradient_checkpointing"],
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = device == "cuda" and m.dtype == torch.bfloat16
+    optim = "adamw_torch_fused" if device == "cuda" and training.optim == "adamw_torch" else training.optim
+    liger = _liger(training, device)
+    args = SFTConfig(
+        output_dir=output_dir, max_length=max_length, packing=training.packing,
+        num_train_epochs=training.epochs, max_steps=training.max_steps,
+        per_device_train_batch_size=plan["per_device_batch_size"],
+        per_device_eval_batch_size=plan["per_device_batch_size"],
+        gradient_accumulation_steps=plan["gradient_accumulation_steps"],
+        gradient_checkpointing=plan["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan["gradient_checkpointing"] else None,
+        learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio, weight_decay=training.weight_decay,  # a float < 1 is a ratio
+        max_grad_norm=training.max_grad_norm, optim=optim, seed=training.seed, data_seed=training.seed,
+        bf16=bf16, fp16=device == "cuda" and m.dtype == torch.float16, use_cpu=device == "cpu",
+        logging_steps=training.logging_steps,
+        save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
+        eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
+        report_to=report_to, run_name=run_name, include_num_input_tokens_seen=True, use_liger_kernel=liger,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+                             task_type="CAUSAL_LM")
+    epochs_tokens = int(sum(min(n, max_length) for n in map(len, train_ds["input_ids"])) * training.epochs)
+    metrics: dict = {"batch_plan": plan, "liger": liger, "optim": optim, "device": device,
+                     "attn_implementation": m.config._attn_implementation}
+    trainer = _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                                     peft_config=peft_config,
+                                     callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
+    log.warning("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
+                                                                               "attn_implementation")}))
+    return trainer, metrics
+
+
 @stage_task("train", retries=1, ignore=("model", "auth", "tracking"))
 def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, model: ModelConfig, base: str,
           model_settings: dict, quantization: QuantizationConfig, lora: LoraSection, training: TrainingConfig,
@@ -149,11 +274,10 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
     """
     import datasets
     import torch
-    from peft import LoraConfig, prepare_model_for_kbit_training
     from prefect import get_run_logger
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer
 
-    from sft_pipeline.models import base_model_path, load_model, resolve_device
+    from sft_pipeline.models import base_model_path, resolve_device
     from sft_pipeline.secrets import hf_token_for, wandb_key
 
     st = Store(store)
@@ -161,7 +285,7 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
     work = st.work_dir("train", key)
     device = resolve_device(training.device)
     token = hf_token_for(auth, model)
-    tok = _load_tokenizer(chats)
+    tok = AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
     train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{train_split}.parquet")))
     eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{test_split}.parquet")))
 
@@ -178,48 +302,17 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         os.environ["WANDB_PROJECT"] = tracking.project
         report_to = "wandb"
 
-    def make_trainer(plan: dict, log: dict):
-        m = load_model(base_model_path(model, st, token), model, quantization, device, token)
-        if quantization.load_in_4bit:
-            m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=training.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        bf16 = device == "cuda" and m.dtype.__str__() == "torch.bfloat16"
-        args = SFTConfig(
-            output_dir=str(work), max_length=max_length, packing=training.packing,
-            num_train_epochs=training.epochs, max_steps=training.max_steps,
-            per_device_train_batch_size=plan["per_device_batch_size"],
-            per_device_eval_batch_size=plan["per_device_batch_size"],
-            gradient_accumulation_steps=plan["gradient_accumulation_steps"],
-            gradient_checkpointing=training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
-            learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
-            warmup_steps=training.warmup_ratio, weight_decay=training.weight_decay,  # a float < 1 is a ratio
-            max_grad_norm=training.max_grad_norm, optim=training.optim, seed=training.seed,
-            data_seed=training.seed,
-            bf16=bf16, fp16=device == "cuda" and not bf16 and str(m.dtype) == "torch.float16",
-            use_cpu=device == "cpu", logging_steps=training.logging_steps,
-            save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
-            eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
-            report_to=report_to, run_name=tracking.run_name or f"sft-{key[:8]}",
-            include_num_input_tokens_seen=True, use_liger_kernel=training.use_liger_kernel,
-            dataloader_num_workers=0, disable_tqdm=True,
-        )
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                                 target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
-                                 task_type="CAUSAL_LM")
-        return _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds,
-                                      eval_dataset=eval_ds if training.eval_strategy != "no" else None,
-                                      processing_class=tok, peft_config=peft_config,
-                                      callbacks=_callbacks(training, log))
-
     logger = get_run_logger()
-    plan = _batch_plan(work, training)
-    if plan["oom_fallbacks"]:
+    # an out-of-memory fallback of an earlier attempt is kept for reruns; else build_trainer plans the batch
+    batch = _batch_plan(work, training) if (Path(work) / "batch.json").is_file() else None
+    if batch:
         logger.warning("train: micro-batch %d x accumulation %d, kept from an earlier out-of-memory fallback",
-                       plan["per_device_batch_size"], plan["gradient_accumulation_steps"])
+                       batch["per_device_batch_size"], batch["gradient_accumulation_steps"])
     while True:
-        log: dict = {}
-        trainer = make_trainer(plan, log)
+        trainer, metrics = build_trainer(
+            train_ds, eval_ds if training.eval_strategy != "no" else None, tok, base_model_path(model, st, token),
+            model, quantization, lora, training, max_length, str(work), device, token, report_to,
+            tracking.run_name or f"sft-{key[:8]}", batch=batch)
         last = last_checkpoint(work)
         try:
             result = trainer.train(resume_from_checkpoint=last)
@@ -229,32 +322,28 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
                 raise
             error = f"{type(exc).__name__}: {exc}"
         step = trainer.state.global_step
+        plan = {**metrics["batch_plan"], "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])}
         trainer.accelerator.free_memory()  # drop every reference to the model and optimizer before trying again
         del trainer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        plan = _halve_batch(work, plan, step, last_checkpoint(work), error)
+        batch = _halve_batch(work, plan, step, last_checkpoint(work), error)
         logger.warning("train: out of memory at step %d (%s); retrying from %s with micro-batch %d x accumulation "
-                       "%d (same effective batch %d)", step, error, plan["oom_fallbacks"][-1]["resumed_from"] or
-                       "the start", plan["per_device_batch_size"], plan["gradient_accumulation_steps"],
-                       plan["per_device_batch_size"] * plan["gradient_accumulation_steps"])
-    args = trainer.args
-    metrics = {**result.metrics, **log, "resumed_from_step": log.get("start_step", 0), "device": device,
-               "effective_batch": plan["per_device_batch_size"] * plan["gradient_accumulation_steps"],
-               **plan}
+                       "%d (same effective batch %d)", step, error, batch["oom_fallbacks"][-1]["resumed_from"] or
+                       "the start", batch["per_device_batch_size"], batch["gradient_accumulation_steps"],
+                       batch["per_device_batch_size"] * batch["gradient_accumulation_steps"])
+    metrics.update(result.metrics)
+    metrics["resumed_from_step"] = metrics.get("start_step", 0)
+    metrics["oom_fallbacks"] = (batch or {}).get("oom_fallbacks", [])
+    metrics.update({k: metrics["batch_plan"][k] for k in ("per_device_batch_size", "gradient_accumulation_steps",
+                                                          "effective_batch")})
     with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
                   metrics=metrics) as tmp:
         trainer.save_model(str(tmp / "adapter"))
         (tmp / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickled args can hold hub_token
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-        args_public = {k: v for k, v in args.to_dict().items() if "token" not in k}
+        args_public = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
         (tmp / "training_args.json").write_text(json.dumps(args_public, indent=1, default=str))
     return st.ref("train", key)
-
-
-def _load_tokenizer(chats: ArtifactRef):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))

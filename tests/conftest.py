@@ -18,6 +18,7 @@ _SESSION = Path(tempfile.mkdtemp(prefix="sft-tests-"))
 os.environ.update({
     "PREFECT_HOME": str(_SESSION / "prefect-home"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s is too short on 2 busy cores
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine (see ../shared/gpu/README.md): install the carried wheels, then run what is asked.
+#   bash bench/gpu_run.sh tiny        # the whole flow, tiny recipe, on CUDA
+#   bash bench/gpu_run.sh bench       # python -m bench.throughput
+#   bash bench/gpu_run.sh flow7b N    # the whole flow on the random-weight Mistral-7B architecture, N steps
+set -uo pipefail
+bash .whl/install.sh >/dev/null && export PYTHONPATH=/tmp/site:$PWD
+export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, trl, peft, bitsandbytes, prefect; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'prefect', prefect.__version__)"
+for what in "$@"; do
+  case "$what" in
+    tiny) python3 -m sft_pipeline.cli run --recipe tiny --store /dev/shm/store --set training.device=cuda \
+            --summary-json "$OUT/summary-tiny-cuda.json" 2>&1 | tee "$OUT/tiny.log" | tail -25 ;;
+    bench) python3 -m bench.throughput --out "$OUT" --runs ${RUNS:-2} --settings ${SETTINGS:-notebook,liger2,project,project-flex} 2>&1 | tail -30 ;;
+    flow7b) python3 -m sft_pipeline.cli run --recipe mistral-7b-qlora --store /dev/shm/store \
+            --set model.source=build --set model.name=mistral-7b --set model.requires_token=false \
+            --set data.source=synthetic --set data.synthetic_style=long --set data.synthetic_train_rows=1500 \
+            --set data.synthetic_test_rows=64 --set data.train_subset.fraction=null --set data.test_subset.fraction=null \
+            --set training.max_steps=${STEPS:-60} --set training.gradient_accumulation_steps=8 \
+            --set training.eval_strategy=no --set training.save_steps=30 --set training.logging_steps=10 \
+            --set generation.max_new_tokens=32 --set training.price_per_hour=2.5 \
+            --summary-json "$OUT/summary-7b.json" 2>&1 | tee "$OUT/flow7b.log" | tail -25 ;;
+  esac
+done

@@ -1,0 +1,177 @@
+"""QLoRA training throughput on the Mistral-7B architecture: this project's train stage vs the notebook's trl setup.
+
+    python -m bench.throughput [--runs 2] [--out DIR]        # on a CUDA machine; prints a table
+
+Every setting runs in its own process (Liger patches model classes process-wide, and the first setting timed in a
+fresh process reads slow), alternating, ``--runs`` times each, on the same synthetic data (ultrachat-like lognormal
+lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``MistralConfig()``, built once into
+/dev/shm). Warm-up optimizer steps are excluded. Settings:
+
+- ``notebook``: the seed notebook: trl SFTTrainer, packing, batch 1, gradient checkpointing (non-reentrant)
+- ``liger2``: the best plain trl setting measured before: packing, batch 2, no checkpointing, Liger kernels
+- ``project``: ``tasks.train.build_trainer`` with the ``mistral-7b-qlora`` recipe, as the flow runs it
+- ``project-flex``: the same with ``model.attn_implementation=flex_attention`` (per-sequence attention for packed
+  rows through a block-sparse mask, instead of SDPA's dense masked attention)
+
+All: nf4 + double quant, bf16 compute, LoRA r64 α16 dropout 0.1 on q/k/v/o, SDPA (flash-attn if installed for
+``project``), max length 2048, effective batch 16 sequences per optimizer step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL_DIR = Path("/dev/shm/sft-bench/mistral-7b")
+DATA = Path("/dev/shm/sft-bench/data.parquet")
+PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
+EFFECTIVE_BATCH = 16
+WARM_STEPS, TIMED_STEPS = 2, 4
+
+
+def prepare() -> None:
+    """Build the random-weight 7B and the tokenized data once (shared by every setting)."""
+    import datasets
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft_pipeline import synthetic
+    from sft_pipeline.models import build_tokenizer
+
+    if not (MODEL_DIR / "config.json").is_file():
+        with torch.device("cuda"):
+            model = MistralForCausalLM(MistralConfig()).to(torch.bfloat16)
+        model.save_pretrained(MODEL_DIR, max_shard_size="20GB")
+        build_tokenizer().save_pretrained(MODEL_DIR)
+        del model
+    if not DATA.is_file():
+        tok = build_tokenizer()
+        rows = synthetic.long_conversations(700, seed=0)
+        ids = tok.apply_chat_template([r["messages"] for r in rows], tokenize=True, return_dict=True)["input_ids"]
+        datasets.Dataset.from_dict({"input_ids": [list(x)[:2048] for x in ids]}).to_parquet(str(DATA))
+
+
+def _timer(result: dict):
+    import torch
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == WARM_STEPS:
+                torch.cuda.synchronize()
+                self.t, self.n = time.perf_counter(), state.num_input_tokens_seen
+            result.setdefault("losses", [])
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                result.setdefault("losses", []).append(round(float(logs["loss"]), 4))
+
+        def on_train_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - self.t
+            result["tokens"] = int(state.num_input_tokens_seen - self.n)
+            result["seconds"] = round(dt, 2)
+            result["tok_s"] = round(result["tokens"] / dt)
+            result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+
+    return Timer()
+
+
+def run_one(setting: str) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+
+    ds = datasets.Dataset.from_parquet(str(DATA))
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    result: dict = {"setting": setting}
+    steps = WARM_STEPS + TIMED_STEPS
+    out = f"/tmp/bench-{setting}-{os.getpid()}"
+    if setting.startswith("project"):
+        from sft_pipeline.config import load_config
+        from tasks.train import build_trainer
+
+        cfg = load_config("mistral-7b-qlora", [
+            "model.source=local", f"model.name={MODEL_DIR}", f"training.max_steps={steps}", "training.logging_steps=1",
+            "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}",
+            "training.eval_strategy=no", "training.save_steps=100000", "training.save_minutes=null",
+            *(["model.attn_implementation=flex_attention"] if setting == "project-flex" else [])])
+        trainer, metrics = build_trainer(ds, None, tok, str(MODEL_DIR), cfg.model, cfg.quantization, cfg.lora,
+                                         cfg.training, cfg.format.max_length, out, "cuda",
+                                         extra_callbacks=[_timer(result)])
+        result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation")}
+    else:
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from trl import SFTConfig, SFTTrainer
+
+        bs, ckpt, liger = {"notebook": (1, True, False), "liger2": (2, False, True)}[setting]
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), quantization_config=quant, device_map={"": 0},
+                                                     attn_implementation="sdpa", dtype=torch.bfloat16, use_cache=False)
+        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=bs,
+                         gradient_accumulation_steps=EFFECTIVE_BATCH // bs, learning_rate=2e-5,
+                         lr_scheduler_type="cosine", bf16=True, max_length=2048, packing=True,
+                         gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+                         report_to="none", save_strategy="no", logging_steps=1, include_num_input_tokens_seen=True,
+                         use_liger_kernel=liger, disable_tqdm=True, seed=42, data_seed=42)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[_timer(result)],
+                             peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none",
+                                                    task_type="CAUSAL_LM",
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        result["settings"] = {"per_device_batch_size": bs, "gradient_checkpointing": ckpt, "liger": liger}
+    trainer.train()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--settings", default="notebook,liger2,project,project-flex")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(run_one(a.one)), flush=True)
+        return
+    prepare()
+    import torch
+
+    card = torch.cuda.get_device_name(0)
+    results: dict[str, list[dict]] = {}
+    for i in range(a.runs):
+        for setting in a.settings.split(","):
+            proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", setting], capture_output=True,
+                                  text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get(
+                                      "CUDA_VISIBLE_DEVICES", "0")})
+            Path(a.out, f"bench-{setting}-{i}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            r = json.loads(line[7:]) if line else {"setting": setting, "error": proc.stderr.strip()[-400:]}
+            print(json.dumps(r), flush=True)
+            results.setdefault(setting, []).append(r)
+    Path(a.out, "bench.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
+    n_params = 7.24e9
+    med = {s: statistics.median(r["tok_s"] for r in rs if "tok_s" in r) for s, rs in results.items()
+           if any("tok_s" in r for r in rs)}
+    base = med.get("notebook")
+    print(f"\n{card}, effective batch {EFFECTIVE_BATCH}, {TIMED_STEPS} timed optimizer steps after {WARM_STEPS} warm-up")
+    print(f"{'setting':<10}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'x notebook':>12}{'MFU':>7}")
+    for s, rs in results.items():
+        ok = [r for r in rs if "tok_s" in r]
+        if not ok:
+            print(f"{s:<10}failed: {rs[0].get('error', '')[-200:]}")
+            continue
+        runs = " / ".join(str(r["tok_s"]) for r in ok)
+        ratio = f"{med[s] / base:.2f}" if base else "-"
+        mfu = med[s] * 4 * n_params / (PEAK_TFLOPS * 1e12)
+        print(f"{s:<10}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{ratio:>12}{mfu:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()

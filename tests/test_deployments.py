@@ -1,0 +1,396 @@
+"""The deployments against a real Prefect server, used the way people will use them.
+
+One `prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME, a free port from 4310), the process work
+pool, `prefect deploy` of deployments/prefect.yaml and one `prefect worker start`; runs are triggered with
+`prefect deployment run ... --param`, from the UI in headless Chromium, by a schedule, and through
+`sft-pipeline serve`. The worker shares the store of the session's tiny run, so unchanged inputs come back Cached.
+Every process started here is stopped by its PID (its own process group).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import datasets
+import httpx
+import pytest
+
+from sft_pipeline import synthetic
+from tests.conftest import ROOT
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _free_port(start: int = 4310) -> int:
+    for port in range(start, start + 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port from 4310 on")
+
+
+class PrefectServer:
+    """A real Prefect server plus the processes that talk to it, all stopped by PID at the end."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{self.url}/api",
+                    "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(self.port),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+        self.env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # SQLite under PREFECT_HOME
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, *cmd: str, log: str, env: dict | None = None) -> subprocess.Popen:
+        out = open(self.home / log, "ab")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM to the process group we started (the process and its children), SIGKILL if it lingers."""
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        proc = self.spawn(PREFECT, "server", "start", log="server.log")
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, (self.home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError("prefect server did not answer /api/health in 240 s")
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([PREFECT, *args], cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def api(self, method: str, path: str, **kw):
+        r = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kw)
+        r.raise_for_status()
+        return r.json() if r.content else None
+
+    def deployment(self, name: str) -> dict:
+        return self.api("GET", f"/deployments/name/{name}")
+
+    def flow_runs(self, deployment_id: str) -> list[dict]:
+        return self.api("POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}},
+                                                             "limit": 200})
+
+    def wait_final(self, flow_run_id: str, timeout: float = 900) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = self.api("GET", f"/flow_runs/{flow_run_id}")
+            if run["state"]["type"] in FINAL:
+                return run
+            time.sleep(2)
+        raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s: {run['state']}")
+
+    def run_deployment(self, name: str, *params: str) -> dict:
+        """`prefect deployment run NAME --param k=v ...`, then wait for the run to finish."""
+        args = ["deployment", "run", name]
+        for p in params:
+            args += ["--param", p]
+        proc = self.cli(*args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return self.wait_final(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
+
+
+def summary_of(store: Path, flow_run: dict) -> dict:
+    """The run summary the flow wrote for this flow run (``<store>/runs/*.json``)."""
+    for p in sorted((store / "runs").glob("*.json"), reverse=True):
+        data = json.loads(p.read_text())
+        if data.get("flow_run") == flow_run["id"]:
+            return data
+    raise AssertionError(f"no summary for flow run {flow_run['id']} in {store / 'runs'}")
+
+
+def states(summary: dict) -> list[str]:
+    return [summary["stages"].get(s, {}).get("state") for s in STAGES]
+
+
+def completed(server: PrefectServer, run: dict) -> dict:
+    assert run["state"]["type"] == "COMPLETED", (run["state"], (server.home / "worker.log").read_text()[-4000:])
+    return run
+
+
+@pytest.fixture(scope="module")
+def prefect(tiny_run, session_dir):
+    """Server up, process pool created, `tiny` deployed, a worker on the pool sharing the tiny run's store."""
+    store = tiny_run[0]
+    server = PrefectServer(session_dir / "prefect-server")
+    try:
+        server.start()
+        proc = server.cli("work-pool", "create", "sft-process", "--type", "process")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = server.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "tiny")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        server.spawn(PREFECT, "worker", "start", "--pool", "sft-process", log="worker.log",
+                     env={"SFT_PIPELINE_STORE": str(store)})
+        yield server, store
+    finally:
+        server.stop_all()
+
+
+def test_deployment_has_the_typed_form_and_a_schedule(prefect):
+    server, _ = prefect
+    dep = server.deployment("sft-pipeline/tiny")
+    props = dep["parameter_openapi_schema"]["properties"]
+    assert props["recipe"]["enum"] == ["mistral-7b-qlora", "tiny", "zephyr-7b-qlora"] and props["recipe"]["default"] == "tiny"
+    assert "name Prefect Secret blocks" in " ".join(props["overrides"]["description"].split())
+    assert dep["parameters"] == {"recipe": "tiny", "overrides": {}} and dep["enforce_parameter_schema"]
+    assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
+    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+
+
+def test_cli_triggered_run_completes_with_its_parameter(prefect):
+    server, store = prefect
+    run = completed(server, server.run_deployment("sft-pipeline/tiny", 'overrides={"generation.max_new_tokens": 6}'))
+    assert run["parameters"]["overrides"] == {"generation.max_new_tokens": 6}
+    summary = summary_of(store, run)
+    assert summary["config"]["generation"]["max_new_tokens"] == 6
+    assert states(summary) == ["Cached"] * 6 + ["Completed"]  # only generation depends on it
+
+
+def _browser(tmp: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file(), \
+        "the UI test needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2000",
+                f"--user-data-dir={tmp / 'chromium-profile'}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_custom_run_from_the_ui(prefect, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, store = prefect
+    dep = server.deployment("sft-pipeline/tiny")
+    before = {r["id"] for r in server.flow_runs(dep["id"])}
+    browser = _browser(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"{server.url}/deployments")
+        wait.until(EC.element_to_be_clickable((By.XPATH, "//a[normalize-space(.)='tiny']"))).click()
+        wait.until(EC.element_to_be_clickable((By.XPATH, "//button[normalize-space(.)='Run']"))).click()
+        wait.until(EC.element_to_be_clickable((By.XPATH, "//*[normalize-space(.)='Custom run']"))).click()
+        field = wait.until(EC.element_to_be_clickable((By.XPATH, (
+            "//span[contains(@class,'schema-form-property__label') and starts-with(normalize-space(.), 'overrides')]"
+            "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"
+            "//textarea"))))
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.DELETE)
+        field.send_keys('{"generation.max_new_tokens": 5}')
+        browser.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
+        wait.until(lambda b: len({r["id"] for r in server.flow_runs(dep["id"])} - before) == 1)
+        (new,) = {r["id"] for r in server.flow_runs(dep["id"])} - before
+        run = completed(server, server.wait_final(new))
+        browser.get(f"{server.url}/runs/flow-run/{new}")  # the UI shows it Completed too
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(@class,'state-badge')]"
+                                                             "[normalize-space(.)='Completed']")))
+    except Exception:
+        browser.save_screenshot(str(server.home / "ui-failure.png"))
+        raise
+    finally:
+        browser.quit()
+    assert run["parameters"]["overrides"] == {"generation.max_new_tokens": 5} and run["parameters"]["recipe"] == "tiny"
+    summary = summary_of(store, run)
+    assert summary["config"]["generation"]["max_new_tokens"] == 5
+    assert states(summary) == ["Cached"] * 6 + ["Completed"]
+
+
+def test_scheduled_run_with_unchanged_inputs_is_all_cached(prefect):
+    server, store = prefect
+    dep = server.deployment("sft-pipeline/tiny")
+    # first run 45 s from now (the scheduler only creates runs in the future), the next one an hour later
+    anchor = (datetime.now(timezone.utc) + timedelta(seconds=45)).replace(microsecond=0)
+    proc = server.cli("deployment", "schedule", "create", "sft-pipeline/tiny", "--interval", "3600",
+                      "--anchor-date", anchor.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (schedule,) = [s for s in server.deployment("sft-pipeline/tiny")["schedules"] if s["schedule"].get("interval")]
+
+    def from_schedule() -> list[dict]:
+        runs = [r for r in server.flow_runs(dep["id"]) if (r.get("created_by") or {}).get("id") == schedule["id"]]
+        return sorted(runs, key=lambda r: r["expected_start_time"])
+
+    def active() -> bool:
+        return {s["id"]: s["active"] for s in server.deployment("sft-pipeline/tiny")["schedules"]}[schedule["id"]]
+
+    deadline = time.time() + 120
+    while not from_schedule() and time.time() < deadline:
+        time.sleep(2)
+    runs = from_schedule()
+    assert runs and datetime.fromisoformat(runs[0]["expected_start_time"].replace("Z", "+00:00")) == anchor, runs[:1]
+    run = completed(server, server.wait_final(runs[0]["id"], timeout=600))
+    assert run["auto_scheduled"] and run["parameters"] == {"recipe": "tiny", "overrides": {}}
+    summary = summary_of(store, run)
+    assert states(summary) == ["Cached"] * 7
+    assert sum(s["seconds"] for s in summary["stages"].values()) < 30, summary["stages"]
+    assert not summary["promotion"]["promoted"]  # the same adapter as the tiny run: nothing to promote
+
+    # pause (its scheduled runs are removed), resume, then delete it: the commands the README gives
+    proc = server.cli("deployment", "schedule", "pause", "sft-pipeline/tiny", schedule["id"])
+    assert proc.returncode == 0 and not active(), proc.stdout + proc.stderr
+    assert not [r for r in from_schedule() if r["state"]["type"] == "SCHEDULED"]
+    proc = server.cli("deployment", "schedule", "resume", "sft-pipeline/tiny", schedule["id"])
+    assert proc.returncode == 0 and active(), proc.stdout + proc.stderr
+    proc = server.cli("deployment", "schedule", "delete", "sft-pipeline/tiny", schedule["id"], "-y")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _write_local_chats(dest: Path, train_seed: int) -> None:
+    """Local parquet files in ultrachat_200k's schema; the test split stays the same across seeds."""
+    dest.mkdir(parents=True, exist_ok=True)
+    test = synthetic.splits(8, 24, seed=7)["test_sft"]
+    train = synthetic.splits(160, 8, seed=train_seed)["train_sft"]
+    datasets.Dataset.from_list(train).to_parquet(str(dest / "train_sft.parquet"))
+    datasets.Dataset.from_list(test).to_parquet(str(dest / "test_sft.parquet"))
+
+
+def test_new_local_data_retrains_from_the_data_stage(prefect, tmp_path):
+    server, store = prefect
+    data = tmp_path / "chats"
+    _write_local_chats(data, train_seed=1)
+    overrides = json.dumps({"data.source": "local", "data.dataset": str(data), "training.max_steps": 3,
+                            "evaluation.max_samples": 8, "generation.max_new_tokens": 4})
+    pointer = (store / "promoted" / "tiny.json").read_text()
+
+    first = summary_of(store, completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={overrides}")))
+    assert states(first) == ["Completed"] * 7
+    assert not first["promotion"]["promoted"] and "not comparable" in first["promotion"]["reason"]
+
+    _write_local_chats(data, train_seed=2)  # same file names and config, new content
+    second = summary_of(store, completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={overrides}")))
+    assert states(second) == ["Cached"] + ["Completed"] * 6  # from the data stage on
+    assert second["stages"]["data"]["artifact"] != first["stages"]["data"]["artifact"]
+    assert second["adapter"] != first["adapter"]
+    assert (store / "promoted" / "tiny.json").read_text() == pointer  # another test set: the pointer stays
+    assert "not comparable" in second["promotion"]["reason"]
+
+
+def test_bad_parameters_are_refused_before_any_stage(prefect):
+    server, _ = prefect
+    proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", "recipe=tinny")
+    assert proc.returncode != 0 and "'tinny' is not one of" in proc.stdout + proc.stderr  # refused by the server
+
+    for overrides, field in (('{"lora.r": 0}', "lora.r"), ('{"auth.hf_token": "hf_not_a_param"}', "auth.hf_token")):
+        proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", f"overrides={overrides}")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = server.wait_final(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
+        assert run["state"]["type"] == "FAILED"
+        message = run["state"]["message"]
+        assert "ConfigError" in message and field in message and "hf_not_a_param" not in message, message
+        tasks = server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
+        assert tasks == []  # no stage ran
+
+
+def test_serve_makes_a_deployment_that_runs(prefect):
+    server, store = prefect
+    proc = server.spawn(sys.executable, "-m", "sft_pipeline.cli", "serve", "--cron", "0 4 * * *",
+                        "--store", str(store), log="serve.log")
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, (server.home / "serve.log").read_text()[-3000:]
+            try:
+                dep = server.deployment("sft-pipeline/served")
+                break
+            except httpx.HTTPStatusError:
+                time.sleep(2)
+        else:
+            raise AssertionError("sft-pipeline serve created no deployment in 180 s")
+        assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 4 * * *"]
+        assert dep["parameters"] == {"recipe": "tiny", "overrides": {}, "store": str(store)}
+        run = server.run_deployment("sft-pipeline/served")
+        assert run["state"]["type"] == "COMPLETED", (server.home / "serve.log").read_text()[-4000:]
+        assert states(summary_of(store, run)) == ["Cached"] * 7
+    finally:
+        server.stop(proc)
+    assert proc.poll() is not None
+
+
+def test_gpu_deployment_renders_a_kubernetes_job(prefect):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    server, _ = prefect
+    proc = server.cli("work-pool", "create", "sft-gpu", "--type", "kubernetes",
+                      "--base-job-template", "deployments/k8s-gpu-job-template.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = server.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                      "--name", "mistral-7b-qlora")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dep = server.deployment("sft-pipeline/mistral-7b-qlora")
+    pool = server.api("GET", "/work_pools/sft-gpu")
+    assert dep["parameters"]["recipe"] == "mistral-7b-qlora" and dep["work_pool_name"] == "sft-gpu"
+    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/sft-pipeline"}}]
+    assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 2 * * 0"]
+
+    async def render(job_variables: dict) -> dict:
+        with temporary_settings({PREFECT_API_URL: f"{server.url}/api"}):
+            async with get_client() as client:
+                cfg = await KubernetesWorkerJobConfiguration.from_template_and_values(
+                    pool["base_job_template"], job_variables, client=client)
+        return cfg.job_manifest["spec"]["template"]
+
+    pod = asyncio.run(render(dep["job_variables"]))
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert container["image"] == "sft-pipeline:gpu" and container["resources"]["requests"]["memory"] == "48Gi"
+    assert {"name": "SFT_PIPELINE_STORE", "value": "/mnt/sft-store"} in container["env"]
+    assert {"name": "sft-store", "mountPath": "/mnt/sft-store"} in container["volumeMounts"]
+    assert {"name": "sft-store", "persistentVolumeClaim": {"claimName": "sft-store"}} in pod["spec"]["volumes"]
+    assert pod["metadata"]["labels"]["sft-pipeline/recipe"] == dep["parameters"]["recipe"]
+    assert json.loads(pod["metadata"]["annotations"]["sft-pipeline/overrides"]) == dep["parameters"]["overrides"]
+
+    pod = asyncio.run(render({**dep["job_variables"], "gpu_count": 2, "store_claim": "team-store",
+                              "store_mount_path": "/data", "recipe": "zephyr-7b-qlora"}))
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"name": "SFT_PIPELINE_STORE", "value": "/data"} in container["env"]
+    assert {"name": "sft-store", "persistentVolumeClaim": {"claimName": "team-store"}} in pod["spec"]["volumes"]
+    assert pod["metadata"]["labels"]["sft-pipeline/recipe"] == "zephyr-7b-qlora"
