@@ -75,6 +75,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directory itself to disk (a machine that dies loses no part)."""
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -179,11 +188,7 @@ class Store:
                 "fingerprint": digest({"stage": stage, "files": files}),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb+") as f:
-                        os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_tree(tmp)
             final = self.artifact_dir(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # an invalid leftover: move it aside first, then replace

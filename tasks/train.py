@@ -27,7 +27,7 @@ from pathlib import Path
 from sft_pipeline import faults
 from sft_pipeline.caching import StageFailure, current_key, is_oom, stage_task
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
-from sft_pipeline.store import ArtifactRef, Store
+from sft_pipeline.store import ArtifactRef, Store, fsync_tree
 
 log = logging.getLogger("sft_pipeline.train")
 # activation bytes per (token x hidden unit x layer) for a QLoRA step without checkpointing, measured on an H100
@@ -85,6 +85,7 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
 
         def on_save(self, args, state, control, **kw):
             self.last = time.monotonic()
+            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     class Throughput(TrainerCallback):
         """Trained tokens per second (padding excluded), and an estimate of time and cost after warm-up."""
@@ -151,24 +152,24 @@ def _resumable(trainer_cls):
     return Resumable
 
 
-def last_checkpoint(work: Path) -> str | None:
-    """The newest complete checkpoint in ``work``; ones cut short by a kill while saving are removed.
+SEALED = "sft-pipeline-complete"  # written into a checkpoint once all its files are on disk
 
-    Trainer writes ``trainer_state.json`` last, after the adapter, optimizer, scheduler and RNG states.
-    """
+
+def seal_checkpoint(ckpt: Path) -> None:
+    """Flush a checkpoint Trainer just saved to disk, then mark it complete."""
+    fsync_tree(ckpt)
+    (ckpt / SEALED).write_text("")
+    fsync_tree(ckpt)
+
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest complete checkpoint in ``work``; ones cut short (a kill or a crash while saving) are removed."""
     def step(p: Path) -> int:
         return int(p.name.rsplit("-", 1)[1])
 
     found = [p for p in Path(work).glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
     for ckpt in sorted(found, key=step, reverse=True):
-        try:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            complete = state.get("global_step") == step(ckpt) and all(
-                any(f.stat().st_size > 0 for f in ckpt.glob(pattern))
-                for pattern in ("adapter_model.*", "optimizer.pt", "scheduler.pt", "rng_state*.pth"))
-        except (OSError, ValueError):
-            complete = False
-        if complete:
+        if (ckpt / SEALED).is_file():
             return str(ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
@@ -322,7 +323,8 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
             error = f"{type(exc).__name__}: {exc}"
         step = trainer.state.global_step
         plan = {**metrics["batch_plan"], "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])}
-        del trainer  # free the accelerator's memory before trying again
+        trainer.accelerator.free_memory()  # drop every reference to the model and optimizer before trying again
+        del trainer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ from sft_pipeline.caching import StageCache, StageFailure, is_transient, records
 from sft_pipeline.config import ConfigError, load_config
 from sft_pipeline.store import Store
 from tasks.download import download_data
-from tasks.train import _batch_plan, _halve_batch, last_checkpoint
+from tasks.train import _batch_plan, _halve_batch, last_checkpoint, seal_checkpoint
 
 
 def test_fault_points_are_off_by_default_and_fire_once(monkeypatch):
@@ -94,20 +94,19 @@ def _checkpoint(work: Path, step: int, complete: bool = True) -> Path:
     d.mkdir(parents=True)
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (d / name).write_bytes(b"x")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if complete:
-        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        seal_checkpoint(d)
     return d
 
 
 def test_last_checkpoint_skips_one_cut_short_by_a_kill(tmp_path):
+    assert last_checkpoint(tmp_path) is None
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4)
-    cut = _checkpoint(tmp_path, 6, complete=False)  # killed while saving: no trainer_state.json yet
+    cut = _checkpoint(tmp_path, 6, complete=False)  # killed (or the machine died) before it was sealed
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert not cut.exists()
-    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
-    assert last_checkpoint(tmp_path / "checkpoint-2" / "none") is None
 
 
 def test_oom_halves_micro_batch_and_keeps_effective_batch(tmp_path):
