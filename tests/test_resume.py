@@ -175,11 +175,19 @@ def test_cuda_oom_falls_back_to_half_micro_batch(reference, tmp_path):
 
 
 def test_data_errors_fail_once_and_transient_errors_are_retried(tmp_path):
-    # an I/O error in authenticate is retried (after 10 s); a split that does not exist fails the data stage once
-    proc, summary = run_flow(tmp_path / "store", *SMALL, "data.train_split=nosuch",
+    # a data set whose rows mostly lack an assistant turn: an error only the data stage can see (not the config)
+    from sft_pipeline import synthetic
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    train = [{**row, "messages": row["messages"][:1]} for row in synthetic.conversations(40, seed=1)]
+    for split, rows in (("train_sft", train), ("test_sft", synthetic.conversations(8, seed=2))):
+        (chats / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # an I/O error in authenticate is retried (after 10 s); the bad data fails the data stage once
+    proc, summary = run_flow(tmp_path / "store", *SMALL, "data.source=local", f"data.dataset={chats}",
                              env={"SFT_PIPELINE_FAULT": "authenticate:start:ioerror"})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "data.train_split" in error_line(proc) and "nosuch" in error_line(proc)
+    assert "rows in split 'train_sft' are invalid" in error_line(proc), error_line(proc)
     auth, data = summary["stages"]["authenticate"], summary["stages"]["data"]
     assert (auth["state"], auth["attempts"]) == ("Completed", 2)
     assert (data["state"], data["attempts"]) == ("Failed", 1)
