@@ -94,7 +94,7 @@ def run_one(setting: str) -> dict:
     out = f"/tmp/bench-{setting}-{os.getpid()}"
     if setting.startswith("project"):
         from sft_pipeline.config import load_config
-        from tasks.train import build_trainer
+        from sft_pipeline.trainer import build_trainer
 
         cfg = load_config("mistral-7b-qlora", [
             "model.source=local", f"model.name={MODEL_DIR}", f"training.max_steps={steps}", "training.logging_steps=1",

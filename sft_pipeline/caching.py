@@ -38,8 +38,7 @@ _CURRENT_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("sft_stage_ke
 _ATTEMPTS: dict[str, int] = {}  # task run id -> how many times its stage function was started (1 + retries)
 
 
-class StageFailure(RuntimeError):
-    """A failure that a retry cannot fix: bad config, bad data, missing token. Never retried."""
+from sft_pipeline.errors import StageFailure, is_oom, is_transient  # noqa: E402,F401
 
 
 def _jsonable(value: Any) -> Any:
@@ -114,38 +113,6 @@ class StageCache(CachePolicy):
             if not ok or not _record_intact(record, store.artifact_dir(self.stage, key)):
                 record.unlink(missing_ok=True)
         return key
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a retry can help."""
-    from sft_pipeline.config import ConfigError
-
-    if isinstance(exc, (StageFailure, ConfigError)):
-        return False
-    if is_oom(exc):
-        return True
-    name = type(exc).__name__
-    if name in ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError",
-                "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-        return False
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if status is not None:
-        return status >= 500 or status == 429
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                         NotADirectoryError)):
-        import errno
-
-        return exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-    return name in ("HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError")
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA (or other accelerator) out of memory."""
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def _retry_condition(task_obj, task_run, state) -> bool:

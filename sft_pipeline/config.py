@@ -17,11 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sft_pipeline.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override: reported as one clear message, exit code 2, before any stage runs."""
 
 
 class Section(BaseModel):

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sft_pipeline.errors import ModelSourceError
 from sft_pipeline.store import Store, digest
 
 BUILDER_VERSION = 1
@@ -37,10 +38,6 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-
-
-class ModelSourceError(RuntimeError):
-    """The base model cannot be had (offline, gated without a token, bad path): not retried."""
 
 
 def model_fingerprint(model_cfg) -> str:
@@ -197,7 +194,7 @@ def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None =
             attn_implementation=attn_implementation(model_cfg, device, training), **hub_kwargs(model_cfg, token))
     except (OSError, EnvironmentError) as e:
         if model_cfg.source == "hub":
-            from sft_pipeline.hub import explain_hub_error
+            from sft_pipeline.errors import explain_hub_error
 
             raise explain_hub_error(e, f"model {model_cfg.name!r}") from e
         raise

@@ -39,7 +39,8 @@ def _device(cfg: PipelineConfig) -> str | None:
 
 
 def _model(cfg: PipelineConfig) -> str | None:
-    from sft_pipeline.models import ModelSourceError, model_fingerprint
+    from sft_pipeline.errors import ModelSourceError
+    from sft_pipeline.models import model_fingerprint
 
     try:
         model_fingerprint(cfg.model)

@@ -32,7 +32,7 @@ def authenticate(store: str, auth: AuthConfig, model: ModelConfig, data: DataCon
     if not offline() and hf_token and (model.source == "hub" or data.source == "hub"):
         from huggingface_hub import HfApi
 
-        from sft_pipeline.hub import explain_hub_error
+        from sft_pipeline.errors import explain_hub_error
 
         api = HfApi(token=hf_token)
         for kind, repo, rev, call in (("model", model.name, model.revision, api.model_info),

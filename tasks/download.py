@@ -54,7 +54,7 @@ def _load(data: DataConfig, token: str | None):
             return datasets.load_dataset(data.dataset, revision=data.revision, token=token,
                                          split=None), data.dataset
         except Exception as e:
-            from sft_pipeline.hub import explain_hub_error
+            from sft_pipeline.errors import explain_hub_error
 
             raise explain_hub_error(e, f"data set {data.dataset!r}") from e
     if data.source == "synthetic":

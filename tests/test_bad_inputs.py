@@ -21,7 +21,7 @@ import pytest
 from sft_pipeline import synthetic
 from sft_pipeline.caching import StageFailure, is_transient
 from sft_pipeline.cli import main
-from sft_pipeline.hub import HubUnreachable, explain_hub_error
+from sft_pipeline.errors import HubUnreachable, explain_hub_error
 from sft_pipeline.store import Store
 from tests.conftest import ROOT, error_line, run_flow
 

@@ -35,7 +35,7 @@ def test_train_stage_packs_with_per_sequence_attention(tiny_run, tmp_path):
     from transformers import AutoTokenizer
 
     from sft_pipeline.config import load_config
-    from tasks.train import build_trainer
+    from sft_pipeline.trainer import build_trainer
 
     store, summary, _ = tiny_run
     cfg = load_config("tiny", ["training.packing=true", "training.max_steps=1"])

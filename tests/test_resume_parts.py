@@ -20,7 +20,7 @@ from sft_pipeline.caching import StageCache, StageFailure, is_transient, records
 from sft_pipeline.config import ConfigError, load_config
 from sft_pipeline.store import Store
 from tasks.download import download_data
-from tasks.train import _batch_plan, _halve_batch, last_checkpoint, seal_checkpoint
+from sft_pipeline.trainer import _batch_plan, _halve_batch, last_checkpoint, seal_checkpoint
 
 
 def test_fault_points_are_off_by_default_and_fire_once(monkeypatch):
