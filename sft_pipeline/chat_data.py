@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft_pipeline.config import ConfigError, DataConfig
+from sft_pipeline.config import DataConfig
+from sft_pipeline.errors import ConfigError
+from sft_pipeline.store import digest, file_sha256
 
+SCHEMA_VERSION = "1"  # bump when chat_problem accepts or rejects other rows: it is part of the data stage's key
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -79,3 +82,21 @@ def split_files(data: DataConfig, files: list[str]) -> dict[str, list[str]]:
                 f"data.{field}: no file for split {split!r} under {data.dataset} (files are matched by name: "
                 f"{split}.parquet, {split}-*.parquet or {split}/*.parquet; found: {', '.join(found)})")
     return by_split
+
+
+def source_fingerprint(data: DataConfig) -> str:
+    """What identifies the data's content before reading it: the hub revision's commit, the synthetic generator's
+    version, or the local files' bytes."""
+    if data.source == "hub":
+        from sft_pipeline.hub import dataset_commit
+
+        return digest({"hub": data.dataset, "revision": data.revision,
+                       "commit": dataset_commit(data.dataset, data.revision)})
+    if data.source == "synthetic":
+        from sft_pipeline import synthetic
+
+        return digest({"synthetic": synthetic.VERSION})
+    root = Path(data.dataset).expanduser().resolve()
+    base = root if root.is_dir() else root.parent
+    # relative names: the same files moved elsewhere keep their fingerprint
+    return digest({str(Path(p).relative_to(base)): file_sha256(Path(p)) for p in local_files(data)})

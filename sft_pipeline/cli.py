@@ -102,17 +102,16 @@ def _stop_prefect() -> None:
 
 
 def _plan(args) -> int:
-    from flows.sft import stages
+    """Predict the run from the stage table and the store alone: no Prefect server is started."""
+    from flows.stages import STAGES
     from sft_pipeline.config import load_config
-    from sft_pipeline.plan import Planner, print_plan, write_plan
+    from sft_pipeline.plan import plan, print_plan, write_plan
     from sft_pipeline.store import Store, default_store
 
-    cfg = load_config(args.recipe, args.overrides)
-    planner = Planner(Store(args.store or default_store()), cfg)
-    stages(cfg, planner)
-    print_plan(planner.steps)
+    steps = plan(load_config(args.recipe, args.overrides), Store(args.store or default_store()), STAGES)
+    print_plan(steps)
     if args.summary_json:
-        write_plan(planner.steps, args.summary_json)
+        write_plan(steps, args.summary_json)
     return 0
 
 
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
         print(f"error: {failure_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) and not hasattr(e, "sft_stage") else 1)  # 2: before any stage
+        sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: before any stage (a stage's failure is a StageError)
     _stop_prefect()
     _print_summary(summary)
     return 0

@@ -54,7 +54,7 @@ def model_fingerprint(model_cfg) -> str:
     return digest({"build": model_cfg.name, "over": model_cfg.build, "v": BUILDER_VERSION})
 
 
-def base_model_path(model_cfg, store: Store, token: str | None = None) -> str:
+def base_model_path(model_cfg, store: Store) -> str:
     """A path or hub id that ``from_pretrained`` accepts. Builds the model once for ``source=build``."""
     if model_cfg.source == "hub":
         return model_cfg.name
@@ -125,8 +125,7 @@ def load_tokenizer(path: str, model_cfg, chat_template: str = "auto", token: str
     """The tokenizer with a chat template (its own with chat_template=auto, else Zephyr's) and a pad token."""
     from transformers import AutoTokenizer
 
-    kwargs = {"revision": model_cfg.revision, "token": token} if model_cfg.source == "hub" else {}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path, **hub_kwargs(model_cfg, token))
     if chat_template == "zephyr" or not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_TEMPLATE
     if tok.pad_token is None:
@@ -144,12 +143,14 @@ def offline() -> bool:
 
 # --------------------------------------------------------------------------------------------- loading for stages
 def resolve_device(device: str) -> str:
+    """``training.device`` resolved: auto is CUDA when there is one. Raises ModelSourceError for cuda without CUDA."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelSourceError("training.device=cuda but no CUDA device is available (allowed: auto, cpu, cuda)")
+        raise ModelSourceError("training.device=cuda but this machine has no usable CUDA device; allowed here: auto, "
+                               "cpu")
     return device
 
 
@@ -179,18 +180,24 @@ def attn_implementation(model_cfg, device: str, training: bool = False) -> str:
     return "sdpa"
 
 
+def bnb_config(quant_cfg, dtype):
+    """bitsandbytes 4-bit settings (nf4 + double quant by default), or None when the base is not quantized."""
+    if not quant_cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
+                              bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False):
     """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant_cfg, device)
-    quant = None
-    if quant_cfg.load_in_4bit:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
-                                   bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quant, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
+            path, quantization_config=bnb_config(quant_cfg, dtype), dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
             attn_implementation=attn_implementation(model_cfg, device, training), **hub_kwargs(model_cfg, token))
     except (OSError, EnvironmentError) as e:
         if model_cfg.source == "hub":

@@ -1,24 +1,23 @@
 """``sft-pipeline plan``: for each stage, whether a run would reuse it or compute it, and why. Runs nothing.
 
-The flow's own stage wiring (``flows.sft.stages``) is walked with a ``Planner`` in place of the stage runner: each
-stage's key is computed from the config and the upstream fingerprints exactly as the run computes it, and looked up
-in the store. Why a stage would run comes from the artifact's state (deleted, broken) or from a diff against the
-inputs of the stage's latest earlier key (``<store>/.keys/<stage>/<key>.json``, written when a stage finishes):
-which config field, which upstream artifact, or the stage's code changed. Once a stage would run, the stages that
-read its artifact run after it (its new fingerprint is only known then).
+It walks the stage table (``flows/stages.py``) as the flow does and computes each key with the same function
+(``stage.key_parts``), then looks it up in the store. Why a stage would run comes from the artifact's state (broken,
+or deleted: a run record under ``<store>/runs/`` names the key) or from a diff against the key parts in the
+manifest of the stage's latest earlier artifact: which config field, which upstream artifact, or the stage's code
+changed. Once a stage would run, the stages that read its artifact run after it (its new fingerprint is only known
+then). No Prefect server is started: secrets in Prefect Secret blocks are looked up only when ``PREFECT_API_URL``
+names a server (else a token kept only in a block shows as absent, and authenticate may run where the plan said
+reuse; it takes a second).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from pydantic import BaseModel
-
-from sft_pipeline.caching import key_inputs, keys_dir, stage_key
-from sft_pipeline.store import ArtifactRef, Store
-
-PENDING = "pending:"  # the fingerprint of an artifact that does not exist yet
+from sft_pipeline.stage import Facts, Stage, key_parts, stage_key
+from sft_pipeline.store import MANIFEST, ArtifactRef, Store
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -30,81 +29,106 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def _changes(label: str, old: Any, new: Any) -> list[str]:
-    a, b = _flatten(old, label), _flatten(new, label)
-    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+def _config_changes(old: dict, new: dict) -> list[str]:
+    a = {k[1:]: v for k, v in _flatten(old, "").items()}
+    b = {k[1:]: v for k, v in _flatten(new, "").items()}
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "(unset)") == b.get(k, "(unset)"):
+            continue
+        if k == "model.fingerprint":
+            out.append("the base model changed (its name, revision or files)")
+        elif k == "data.content":
+            out.append("the data's content changed")
+        elif k.startswith("secrets."):
+            out.append(f"where the {k.split('.', 1)[1]} is found changed")
+        else:
+            out.append(f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}")
+    return out
 
 
-class Planner:
-    """Stands in for the stage runner: predicts each stage instead of running it."""
+def _run_history(store: Store) -> dict[tuple[str, str], str]:
+    """(stage, key) -> fingerprint of every artifact a run recorded: what a deleted artifact was."""
+    known: dict[tuple[str, str], str] = {}
+    for path in sorted((store.root / "runs").glob("*.json")):
+        try:
+            stages = json.loads(path.read_text()).get("stages", {})
+        except (OSError, ValueError):
+            continue
+        for name, rec in stages.items():
+            if isinstance(rec, dict) and rec.get("key") and rec.get("fingerprint"):
+                known[(name, rec["key"])] = rec["fingerprint"]
+    return known
 
-    def __init__(self, store: Store, cfg: BaseModel):
-        self.store, self.cfg = store, cfg
-        self.steps: list[dict[str, Any]] = []
-        self.redo: set[str] = set()  # stages that re-run an earlier key: expected to reproduce its output
 
-    def __call__(self, stage_task, **inputs) -> ArtifactRef:
-        policy = stage_task.cache_policy
-        stage = policy.stage
-        refs = [v for v in inputs.values() if isinstance(v, ArtifactRef)]
-        pending = [r.stage for r in refs if r.fingerprint.startswith(PENDING)]
+def _earlier_fingerprint(store: Store, stage: str, key: str, history: dict) -> str | None:
+    try:
+        return json.loads((store.artifact_dir(stage, key) / MANIFEST).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return history.get((stage, key))
+
+
+def _why_new(store: Store, stage: str, parts: dict) -> str:
+    """What differs from the stage's latest earlier artifact (preferring an intact one)."""
+    earlier = []
+    for manifest in (store.root / stage).glob(f"*/{MANIFEST}"):
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if "config" not in m.get("inputs", {}):
+            continue  # written by an older version of the pipeline: not comparable
+        intact = store.check(stage, m.get("key", ""))[0]
+        earlier.append((intact, m.get("created", ""), m["inputs"]))
+    if not earlier:
+        return "no earlier run of this stage in this store"
+    prev = max(earlier, key=lambda t: (t[0], t[1]))[2]
+    changes = [] if prev.get("code") == parts["code"] else [f"the code of stage {stage} changed"]
+    changes += _config_changes(prev.get("config", {}), parts["config"])
+    old_up = prev.get("upstream", {})
+    changes += [f"upstream {n} changed" for n in sorted(set(old_up) | set(parts["upstream"]))
+                if old_up.get(n) != parts["upstream"].get(n)]
+    return "; ".join(changes) or "inputs differ from the earlier run"
+
+
+def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
+    """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``."""
+    facts, history = Facts(cfg, blocks=bool(os.environ.get("PREFECT_API_URL"))), _run_history(store)
+    refs: dict[str, ArtifactRef | None] = {}  # None: this run would make a new artifact, its fingerprint unknown
+    redo: set[str] = set()  # stages that would re-run an earlier key: expected to reproduce its output
+    steps: list[dict] = []
+
+    def add(stage: str, decision: str, key: str | None, reason: str, artifact: str | None = None) -> None:
+        steps.append({"stage": stage, "decision": decision, "key": key, "reason": reason, "artifact": artifact})
+
+    for stage in stages:
+        pending = [n for n in stage.needs if refs[n] is None]
         if pending:
             verb = "runs" if len(pending) == 1 else "run"
-            return self._add(stage, "run", None, f"after {' and '.join(pending)} {verb} (new upstream output)")
-        key = stage_key(stage, policy.fn, inputs, policy.ignore)
-        ok, why = self.store.check(stage, key)
+            add(stage.name, "run", None, f"after {' and '.join(pending)} {verb} (new upstream output)")
+            refs[stage.name] = None
+            continue
+        parts = key_parts(stage, cfg, {n: refs[n] for n in stage.needs}, facts)
+        key = stage_key(parts)
+        ok, why = store.check(stage.name, key)
         if ok:
-            redo = [r.stage for r in refs if r.stage in self.redo]
-            reason = "finished artifact in the store" + (
-                f" (if {' and '.join(redo)} reproduces its earlier output)" if redo else "")
-            return self._add(stage, "reuse", key, reason, self.store.ref(stage, key))
-        record = keys_dir(self.store.root, stage) / f"{key}.json"
-        if record.is_file():  # computed before under this very key: its output is expected to come out the same
-            reason = "its artifact was deleted" if why == "missing" else f"its artifact is broken ({why})"
-            try:
-                fingerprint = json.loads(record.read_text())["fingerprint"]
-            except (OSError, ValueError, KeyError):
-                return self._add(stage, "run", key, reason)
-            self.redo.add(stage)
-            self._add(stage, "run", key, reason)
-            return ArtifactRef(stage=stage, key=key, path="", fingerprint=fingerprint)
-        if why != "missing":
-            return self._add(stage, "run", key, f"its artifact is broken ({why})")
-        return self._add(stage, "run", key, self._why_new(stage, key_inputs(stage, policy.fn, inputs, policy.ignore),
-                                                          inputs))
-
-    def _add(self, stage: str, decision: str, key: str | None, reason: str, ref: ArtifactRef | None = None):
-        self.steps.append({"stage": stage, "decision": decision, "key": key, "reason": reason,
-                           "artifact": ref.path if ref else None})
-        return ref or ArtifactRef(stage=stage, key=key or "", path="", fingerprint=f"{PENDING}{stage}")
-
-    def _why_new(self, stage: str, parts: dict, inputs: dict) -> str:
-        """What differs from the latest earlier key of this stage (preferring one whose artifact is intact)."""
-        earlier = []
-        for p in keys_dir(self.store.root, stage).glob("*.json"):
-            try:
-                rec = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            intact = self.store.check(stage, rec.get("key", ""))[0]
-            earlier.append((intact, p.stat().st_mtime, rec))
-        if not earlier:
-            return "no earlier run of this stage in this store"
-        _, _, prev = max(earlier, key=lambda t: (t[0], t[1]))
-        changes = [] if prev.get("code") == parts["code"] else [f"the code of stage {stage} changed"]
-        old_inputs = prev.get("inputs", {})
-        for name in sorted(set(old_inputs) | set(parts["inputs"])):
-            old, new = old_inputs.get(name), parts["inputs"].get(name)
-            if old == new:
-                continue
-            value = inputs.get(name)
-            if isinstance(value, ArtifactRef):
-                changes.append(f"upstream {value.stage} changed")
-                continue
-            section = next((f for f in type(self.cfg).model_fields if getattr(self.cfg, f) is value), name)
-            changes += _changes(section, old, new)
-        return "; ".join(changes) or "inputs differ from the earlier run"
+            again = [n for n in stage.needs if n in redo]
+            ref = store.ref(stage.name, key)
+            add(stage.name, "reuse", key, "finished artifact in the store" + (
+                f" (if {' and '.join(again)} reproduces its earlier output)" if again else ""), ref.path)
+            refs[stage.name] = ref
+            continue
+        earlier = _earlier_fingerprint(store, stage.name, key, history)
+        if earlier:  # made before under this very key: a re-run is expected to reproduce it
+            add(stage.name, "run", key, "its artifact was deleted" if why == "missing"
+                else f"its artifact is broken ({why})")
+            redo.add(stage.name)
+            refs[stage.name] = ArtifactRef(stage=stage.name, key=key, path="", fingerprint=earlier)
+            continue
+        add(stage.name, "run", key, f"its artifact is broken ({why})" if why != "missing"
+            else _why_new(store, stage.name, parts))
+        refs[stage.name] = None
+    return steps
 
 
 def print_plan(steps: list[dict], file=None) -> None:

@@ -14,10 +14,12 @@ Hub models and data sets are not contacted here; their problems surface in the s
 """
 from __future__ import annotations
 
-from sft_pipeline.config import ConfigError, PipelineConfig
+import functools
+
+from sft_pipeline.config import PipelineConfig
+from sft_pipeline.errors import ConfigError, ModelSourceError
 
 OVERHEAD_CHECK_BELOW = 512  # a chat template adds a few dozen tokens; only a shorter max_length can be too short
-_passed: set[str] = set()  # configs already checked in this process (the CLI checks, then the flow again)
 
 
 def template_overhead(tok, system_message: str | None) -> int:
@@ -31,15 +33,16 @@ def template_overhead(tok, system_message: str | None) -> int:
 def _device(cfg: PipelineConfig) -> str | None:
     if cfg.training.device != "cuda":
         return None
-    import torch
+    from sft_pipeline.models import resolve_device
 
-    if not torch.cuda.is_available():
-        return "training.device=cuda but this machine has no usable CUDA device; allowed here: auto, cpu"
+    try:
+        resolve_device(cfg.training.device)
+    except ModelSourceError as e:
+        return str(e)
     return None
 
 
 def _model(cfg: PipelineConfig) -> str | None:
-    from sft_pipeline.errors import ModelSourceError
     from sft_pipeline.models import model_fingerprint
 
     try:
@@ -79,18 +82,26 @@ def _prompts(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def _overhead(cfg: PipelineConfig) -> str | None:
-    fmt, model = cfg.format, cfg.model
-    if fmt.max_length >= OVERHEAD_CHECK_BELOW or model.source == "hub":
-        return None
+@functools.lru_cache(maxsize=8)
+def _local_overhead(source: str, name: str, chat_template: str, system_message: str | None) -> int | None:
+    """The template overhead with a build or local model's tokenizer (memoised: the CLI checks, then the flow)."""
+    from sft_pipeline.config import ModelConfig
     from sft_pipeline.models import build_tokenizer, load_tokenizer
 
     try:
-        tok = build_tokenizer() if model.source == "build" else load_tokenizer(model.name, model, fmt.chat_template)
+        tok = build_tokenizer() if source == "build" else \
+            load_tokenizer(name, ModelConfig(source=source, name=name), chat_template)
     except Exception:  # noqa: BLE001 - no usable tokenizer there: the format stage reports it with the details
         return None
-    overhead = template_overhead(tok, fmt.system_message)
-    if fmt.max_length <= overhead:
+    return template_overhead(tok, system_message)
+
+
+def _overhead(cfg: PipelineConfig) -> str | None:
+    fmt, model = cfg.format, cfg.model
+    if fmt.max_length >= OVERHEAD_CHECK_BELOW or model.source not in ("build", "local"):
+        return None
+    overhead = _local_overhead(model.source, model.name, fmt.chat_template, fmt.system_message)
+    if overhead is not None and fmt.max_length <= overhead:
         return (f"format.max_length={fmt.max_length} is not longer than the chat template's own overhead "
                 f"({overhead} tokens): allowed values are above {overhead}")
     return None
@@ -98,11 +109,7 @@ def _overhead(cfg: PipelineConfig) -> str | None:
 
 def check(cfg: PipelineConfig) -> None:
     """Raise ConfigError naming the field when the config cannot work on this machine with these inputs."""
-    key = cfg.model_dump_json()
-    if key in _passed:
-        return
     for probe in (_device, _model, _data, _prompts, _overhead):  # cheap first; the tokenizer last
         problem = probe(cfg)
         if problem:
             raise ConfigError(f"invalid config: {problem}")
-    _passed.add(key)

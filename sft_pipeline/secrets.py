@@ -19,29 +19,13 @@ def _block(name: str) -> str | None:
     return str(value) if value else None
 
 
-def resolve(env_name: str, block_name: str) -> tuple[str | None, str | None]:
-    """(value, source) where source is 'env:NAME' or 'block:NAME', or (None, None)."""
+def resolve(env_name: str, block_name: str | None) -> tuple[str | None, str | None]:
+    """(value, source) where source is 'env:NAME' or 'block:NAME', or (None, None). ``block_name=None``: the
+    environment only."""
     value = os.environ.get(env_name)
     if value:
         return value, f"env:{env_name}"
-    value = _block(block_name)
+    value = _block(block_name) if block_name else None
     if value:
         return value, f"block:{block_name}"
     return None, None
-
-
-def hf_token(auth) -> str | None:
-    return resolve(auth.hf_token_env, auth.hf_token_block)[0]
-
-
-def wandb_key(auth) -> str | None:
-    return resolve(auth.wandb_key_env, auth.wandb_key_block)[0]
-
-
-def hf_token_for(auth_ref, model_cfg=None) -> str | None:
-    """The HF token, read again from where the authenticate stage found it (None when not needed)."""
-    if model_cfg is not None and model_cfg.source != "hub":
-        return None
-    from sft_pipeline.config import AuthConfig
-
-    return hf_token(AuthConfig.model_validate(auth_ref.read_json("auth.json")["config"]))

@@ -5,8 +5,10 @@ Layout under the store root::
     <stage>/<key>/            a finished artifact (manifest.json + the stage's files)
     .work/<stage>/<key>/      a stage's scratch space that survives a crash (training checkpoints)
     .tmp/                     artifacts being written; renamed into place only when complete
-    .prefect/                 Prefect's persisted task results (cache records)
     .locks/                   one lock file per (stage, key): one writer at a time, even across processes
+    models/<fingerprint>/     base models built from a config or converted from a file, made once
+    runs/                     one summary per run (``sft-pipeline plan`` reads them for deleted artifacts)
+    promoted/<recipe>.json    the promoted adapter of each recipe
 
 A stage writes into a temp dir and renames it into place after writing ``manifest.json`` (files, sizes, hashes),
 so a killed process never leaves a half artifact that looks finished. ``Store.check`` re-verifies an artifact
@@ -52,10 +54,56 @@ def default_store() -> Path:
     return Path(os.environ.get("SFT_PIPELINE_STORE", Path.home() / ".cache" / "sft-pipeline")).expanduser()
 
 
-def digest(obj: Any) -> str:
+def digest(obj: Any, length: int = 16) -> str:
     """A stable short hash of JSON-able data."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON whole or not at all: a temp file beside it, flushed to disk, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing); a second holder waits.
+
+    The kernel releases the lock when its holder dies, even by SIGKILL, so a killed run never blocks the next (a
+    local file system is needed: flock over NFS is not reliable). ``on_wait(holder)`` is called before waiting, with
+    the ``WRITER_ID`` the holder wrote into the file.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                f.seek(0)
+                on_wait(f.read().strip() or "another process")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(WRITER_ID)
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def file_sha256(path: Path) -> str:
@@ -129,33 +177,9 @@ class Store:
         return json.loads((Path(ref.path) / MANIFEST).read_text())
 
     # ------------------------------------------------------------------ one writer at a time
-    @contextlib.contextmanager
-    def lock(self, stage: str, key: str, on_wait=None) -> Iterator[None]:
-        """Hold an exclusive lock on ``<stage>/<key>`` (``fcntl.flock``): a second run waits here.
-
-        The kernel releases the lock when its holder dies, even by SIGKILL, so a killed run never blocks the next.
-        ``on_wait(holder)`` is called before waiting (holder: the ``WRITER_ID`` of the process that has it).
-        """
-        import fcntl
-
-        d = self.root / ".locks"
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{stage}-{key}.lock", "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    f.seek(0)
-                    on_wait(f.read().strip() or "another process")
-                fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            f.truncate()
-            f.write(WRITER_ID)
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def lock(self, stage: str, key: str, on_wait=None):
+        """One writer at a time for ``<stage>/<key>``, across processes (see ``file_lock``)."""
+        return file_lock(self.root / ".locks" / f"{stage}-{key}.lock", on_wait)
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager

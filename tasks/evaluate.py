@@ -7,26 +7,20 @@ from __future__ import annotations
 import json
 import math
 
-from sft_pipeline.caching import current_key, stage_task
-from sft_pipeline.config import EvaluationConfig, ModelConfig, QuantizationConfig, TrainingConfig
-from sft_pipeline.store import ArtifactRef, Store
+from sft_pipeline.stage import StageContext
+
+VERSION = "2"
 
 
-@stage_task("evaluate", ignore=("model", "auth", "training"))
-def evaluate(store: str, tuned: ArtifactRef, chats: ArtifactRef, test_split: str, model: ModelConfig, base: str,
-             quantization: QuantizationConfig, evaluation: EvaluationConfig,
-             training: TrainingConfig, auth: ArtifactRef) -> ArtifactRef:
-    """Write metrics.json: eval loss and perplexity of base and tuned on the formatted test split."""
+def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer, Trainer, TrainingArguments
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from sft_pipeline.models import base_model_path, load_tuned, resolve_device
-    from sft_pipeline.secrets import hf_token_for
+    from sft_pipeline.models import load_tuned
 
-    st = Store(store)
-    device = resolve_device(training.device)
-    token = hf_token_for(auth, model)
+    cfg, chats = ctx.cfg, ctx.upstream["format"]
+    test_split, evaluation = cfg.data.test_split, cfg.evaluation
     tok = AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
     ds = datasets.Dataset.from_parquet(str(chats.file(f"{test_split}.parquet")))
     if "assistant_masks" in ds.column_names:  # assistant-only loss: score the assistant tokens only
@@ -34,12 +28,12 @@ def evaluate(store: str, tuned: ArtifactRef, chats: ArtifactRef, test_split: str
                     remove_columns=["assistant_masks"])
     if evaluation.max_samples:
         ds = ds.select(range(min(evaluation.max_samples, len(ds))))
-    peft_model = load_tuned(base_model_path(model, st, token), tuned.file("adapter"), model, quantization, device,
-                            token)
-    bf16 = device == "cuda" and str(peft_model.dtype) == "torch.bfloat16"
-    args = TrainingArguments(output_dir=str(st.work_dir("evaluate", current_key())), report_to="none",
-                             per_device_eval_batch_size=evaluation.batch_size, use_cpu=device == "cpu", bf16=bf16,
-                             disable_tqdm=True, remove_unused_columns=False)
+    peft_model = load_tuned(ctx.base_model(), ctx.upstream["train"].file("adapter"), cfg.model, cfg.quantization,
+                            ctx.device, ctx.hf_token)
+    bf16 = ctx.device == "cuda" and str(peft_model.dtype) == "torch.bfloat16"
+    args = TrainingArguments(output_dir=str(ctx.work), report_to="none",
+                             per_device_eval_batch_size=evaluation.batch_size, use_cpu=ctx.device == "cpu",
+                             bf16=bf16, disable_tqdm=True, remove_unused_columns=False)
     # the token ids are already truncated to format.max_length; assistant_masks (if any) select the loss tokens
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
     trainer = Trainer(model=peft_model, args=args, eval_dataset=ds, data_collator=collator)
@@ -49,6 +43,5 @@ def evaluate(store: str, tuned: ArtifactRef, chats: ArtifactRef, test_split: str
     metrics = {"split": test_split, "rows": len(ds),
                "base": {"eval_loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
                "tuned": {"eval_loss": tuned_loss, "perplexity": math.exp(min(tuned_loss, 50))}}
-    with st.write("evaluate", current_key(), metrics=metrics) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return st.ref("evaluate", current_key())
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 
-from sft_pipeline.caching import StageFailure, current_key, stage_task
-from sft_pipeline.config import ModelConfig, QuantizationConfig, TrainingConfig
-from sft_pipeline.store import ArtifactRef, Store
+from sft_pipeline.errors import StageFailure
+from sft_pipeline.stage import StageContext
 
+VERSION = "2"
 PROBE = [{"role": "user", "content": "What colour is the sky?"}]
 
 
@@ -44,48 +44,36 @@ tokenizer = AutoTokenizer.from_pretrained("<this directory>")
 """
 
 
-@stage_task("save_adapter", ignore=("model", "auth", "training"))
-def save_adapter(store: str, tuned: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef, model: ModelConfig,
-                 base: str, quantization: QuantizationConfig, training: TrainingConfig, dataset: str, recipe: str,
-                 auth: ArtifactRef) -> ArtifactRef:
-    """Copy adapter + tokenizer + metrics, write the model card, verify by reloading, then publish."""
+def run(ctx: StageContext) -> dict:
     import torch
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
-    from sft_pipeline.models import (attn_implementation, base_model_path, compute_dtype, is_random, load_tuned,
-                                     resolve_device)
-    from sft_pipeline.secrets import hf_token_for
+    from sft_pipeline.models import attn_implementation, bnb_config, compute_dtype, is_random, load_tuned
 
-    st = Store(store)
-    device = resolve_device(training.device)
-    token = hf_token_for(auth, model)
-    base_path = base_model_path(model, st, token)
-    tok = AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
+    cfg, tuned, out = ctx.cfg, ctx.upstream["train"], ctx.out
+    tok = AutoTokenizer.from_pretrained(str(ctx.upstream["format"].file("tokenizer")))
     probe = tok.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    eval_metrics = metrics.read_json("metrics.json")
+    eval_metrics = ctx.upstream["evaluate"].read_json("metrics.json")
     train_metrics = tuned.read_json("train_metrics.json")
-    with st.write("save_adapter", current_key(), metrics={"eval": eval_metrics}) as tmp:
-        shutil.copytree(tuned.file("adapter"), tmp, dirs_exist_ok=True)
-        tok.save_pretrained(tmp)
-        (tmp / "metrics.json").write_text(json.dumps({"eval": eval_metrics, "train": train_metrics}, indent=2))
-        (tmp / "README.md").write_text(_card(model.name, is_random(model), dataset, recipe, eval_metrics,
-                                             train_metrics))
-        dev = "cuda" if device == "cuda" else "cpu"
-        with torch.no_grad():
-            expected = load_tuned(base_path, tuned.file("adapter"), model, quantization, device, token)
-            want = expected(**{k: v.to(dev) for k, v in probe.items()}).logits.float().cpu()
-            del expected
-            dtype = compute_dtype(quantization, device)
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
-                                       bnb_4bit_use_double_quant=quantization.double_quant,
-                                       bnb_4bit_compute_dtype=dtype) if quantization.load_in_4bit else None
-            reloaded = AutoPeftModelForCausalLM.from_pretrained(
-                str(tmp), quantization_config=quant, dtype=dtype, device_map={"": 0 if dev == "cuda" else "cpu"},
-                attn_implementation=attn_implementation(model, device), token=token).eval()
-            got = reloaded(**{k: v.to(dev) for k, v in probe.items()}).logits.float().cpu()
-        diff = (got - want).abs().max().item()
-        if not diff <= 1e-3:
-            raise StageFailure(f"save_adapter: the reloaded adapter's logits differ from the trained model's by {diff}")
-        (tmp / "verification.json").write_text(json.dumps({"max_abs_logit_diff": diff, "probe": PROBE}))
-    return st.ref("save_adapter", current_key())
+    shutil.copytree(tuned.file("adapter"), out, dirs_exist_ok=True)
+    tok.save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps({"eval": eval_metrics, "train": train_metrics}, indent=2))
+    (out / "README.md").write_text(_card(cfg.model.name, is_random(cfg.model), cfg.data.dataset, cfg.recipe,
+                                         eval_metrics, train_metrics))
+    device, base = ctx.device, ctx.base_model()
+    with torch.no_grad():
+        expected = load_tuned(base, tuned.file("adapter"), cfg.model, cfg.quantization, device, ctx.hf_token)
+        want = expected(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
+        del expected
+        dtype = compute_dtype(cfg.quantization, device)
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(
+            str(out), quantization_config=bnb_config(cfg.quantization, dtype), dtype=dtype,
+            device_map={"": 0 if device == "cuda" else "cpu"}, attn_implementation=attn_implementation(cfg.model, device),
+            token=ctx.hf_token).eval()
+        got = reloaded(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
+    diff = (got - want).abs().max().item()
+    if not diff <= 1e-3:
+        raise StageFailure(f"save_adapter: the reloaded adapter's logits differ from the trained model's by {diff}")
+    (out / "verification.json").write_text(json.dumps({"max_abs_logit_diff": diff, "probe": PROBE}))
+    return {"eval": eval_metrics}

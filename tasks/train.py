@@ -6,67 +6,60 @@ the stage's work dir (``<store>/.work/train/<key>``) every ``training.save_steps
 ``training.save_minutes`` minutes, keeping the last ``training.save_total_limit``; a rerun after a crash resumes from
 the last complete one (optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is
 skipped). CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the
-gradient accumulation (same effective batch), down to a micro-batch of 1; the fallback is kept in the work dir for
-reruns and reported in ``train_metrics.json``. W&B logs when ``tracking.backend: wandb`` (offline without a key).
-
-Speed on CUDA, by default (``training.auto_batch``): the micro-batch is made as large as free GPU memory allows
-without gradient checkpointing, and gradient accumulation shrinks to keep the recipe's effective batch; Liger
-kernels when installed; fused AdamW; no fp32 upcast of the frozen bf16 weights. ``build_trainer`` is what
-``bench/`` times.
+gradient accumulation (same effective batch). The machinery is ``sft_pipeline/trainer.py``; this file is the stage.
+W&B logs when ``tracking.backend: wandb`` (offline without a key).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 
-from sft_pipeline.caching import current_key, stage_task
-from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainingConfig
-from sft_pipeline.store import ArtifactRef, Store
-from sft_pipeline.trainer import save_trained, train_until_done
+from sft_pipeline.stage import StageContext
 
-@stage_task("train", retries=1, ignore=("model", "auth", "tracking"))
-def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, model: ModelConfig, base: str,
-          model_settings: dict, quantization: QuantizationConfig, lora: LoraSection, training: TrainingConfig,
-          max_length: int, auth: ArtifactRef, tracking: TrackingConfig) -> ArtifactRef:
-    """Fine-tune LoRA adapters; resume from the last checkpoint in the work dir when there is one.
+VERSION = "2"
 
-    ``base`` is the base model's fingerprint and ``model_settings`` the model fields that change training
-    (attention implementation): the key does not depend on where secrets or logs go.
+
+@contextlib.contextmanager
+def _wandb_run(ctx: StageContext):
+    """A W&B run for this training when ``tracking.backend: wandb`` (trl's callback logs into it); yields report_to.
+
+    Settings go to ``wandb.init``, not into ``os.environ``, so nothing is left behind in a served process. A user's
+    own ``WANDB_MODE=offline`` (or ``disabled``) wins over the mode chosen from the key.
     """
+    tracking = ctx.cfg.tracking
+    if tracking.backend != "wandb":
+        yield "none"
+        return
+    import wandb
+
+    key = ctx.secret("wandb_key")
+    mode = tracking.mode if tracking.mode != "auto" else ("online" if key else "offline")
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        mode = os.environ["WANDB_MODE"]
+    run = wandb.init(project=tracking.project, name=tracking.run_name or f"sft-{ctx.key[:8]}", mode=mode,
+                     dir=str(ctx.store.work_dir("wandb", ctx.key)), reinit="finish_previous",
+                     settings=wandb.Settings(api_key=key) if key and mode == "online" else None)
+    try:
+        yield "wandb"
+    finally:
+        run.finish()
+
+
+def run(ctx: StageContext) -> dict:
     import datasets
-    from prefect import get_run_logger
     from transformers import AutoTokenizer
 
-    from sft_pipeline.models import base_model_path, resolve_device
-    from sft_pipeline.secrets import hf_token_for, wandb_key
+    from sft_pipeline.trainer import save_trained, train_until_done
 
-    st = Store(store)
-    key = current_key()
-    work = st.work_dir("train", key)
-    device = resolve_device(training.device)
-    token = hf_token_for(auth, model)
+    cfg, chats = ctx.cfg, ctx.upstream["format"]
     tok = AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
-    train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{train_split}.parquet")))
-    eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{test_split}.parquet")))
-
-    report_to = "none"
-    if tracking.backend == "wandb":
-        from sft_pipeline.config import AuthConfig
-
-        auth_record = auth.read_json("auth.json")
-        key_value = wandb_key(AuthConfig.model_validate(auth_record["config"]))
-        if key_value:
-            os.environ["WANDB_API_KEY"] = key_value
-        os.environ["WANDB_MODE"] = auth_record.get("wandb_mode") or "offline"
-        os.environ["WANDB_DIR"] = str(st.work_dir("wandb", key))
-        os.environ["WANDB_PROJECT"] = tracking.project
-        report_to = "wandb"
-
-    trainer, metrics = train_until_done(
-        train_ds, eval_ds if training.eval_strategy != "no" else None, tok, base_model_path(model, st, token),
-        model, quantization, lora, training, max_length, work, device, token, report_to,
-        tracking.run_name or f"sft-{key[:8]}", logger=get_run_logger())
-    with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
-                  metrics=metrics) as tmp:
-        save_trained(trainer, metrics, tmp)
-    return st.ref("train", key)
+    train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.train_split}.parquet")))
+    eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.test_split}.parquet"))) \
+        if cfg.training.eval_strategy != "no" else None
+    with _wandb_run(ctx) as report_to:
+        trainer, metrics = train_until_done(
+            train_ds, eval_ds, tok, ctx.base_model(), cfg.model, cfg.quantization, cfg.lora, cfg.training,
+            cfg.format.max_length, ctx.work, ctx.device, ctx.hf_token, report_to,
+            cfg.tracking.run_name or f"sft-{ctx.key[:8]}", logger=ctx.log)
+    save_trained(trainer, metrics, ctx.out)
+    return metrics

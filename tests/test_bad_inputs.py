@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sft_pipeline import synthetic
-from sft_pipeline.caching import StageFailure, is_transient
+from sft_pipeline.errors import StageFailure, is_transient
 from sft_pipeline.cli import main
 from sft_pipeline.errors import HubUnreachable, explain_hub_error
 from sft_pipeline.store import Store
@@ -254,9 +254,9 @@ def test_hub_answers_are_classified(answer, kind, text, monkeypatch):
         hub.shutdown()
 
 
-# run the CLI with the authenticate stage's retry delays at 0 s, so that its retries take no time in a test
-FAST_RETRIES = ("import sys, tasks.authenticate as a; a.authenticate = a.authenticate.with_options("
-                "retry_delay_seconds=0); from sft_pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+# run the CLI with retry delays of 0 s, so that retries take no time in a test
+FAST_RETRIES = ("import sys, flows.sft as f; f.RETRY_DELAYS = [0, 0, 0]; from sft_pipeline.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
 
 
 def test_rejected_token_and_unreachable_hub(tmp_path):

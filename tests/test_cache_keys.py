@@ -1,40 +1,121 @@
-"""A stage's key comes from exactly the config it reads and its upstream fingerprints."""
+"""A stage's key comes from exactly its row of the stage table: the config it reads, its upstream fingerprints, the
+code and templates it applies; nothing else."""
 from __future__ import annotations
 
-from sft_pipeline.caching import stage_key
-from sft_pipeline.config import load_config
+import importlib
+import pytest
+
+import flows.stages
+from sft_pipeline.config import PipelineConfig, load_config
+from sft_pipeline.stage import FACTS, ConfigView, Facts, key_parts, stage_key
 from sft_pipeline.store import ArtifactRef
-from tasks.download import download_data
-from tasks.format import format_chats
-from tasks.train import train
+from tests.conftest import ROOT
 
 
-def _keys(cfg):
-    ref = ArtifactRef(stage="x", key="k", path="/p", fingerprint="f0")
-    data = stage_key("data", download_data.fn.__wrapped__, {"store": "/s", "data": cfg.data, "source": "s"})
-    fmt = stage_key("format", format_chats.fn.__wrapped__, {"store": "/s", "data": ref, "splits": ["a", "b"],
-                                                              "base": "b", "fmt": cfg.format})
-    tr = stage_key("train", train.fn.__wrapped__, {"store": "/s", "chats": ref, "lora": cfg.lora,
-                                                    "training": cfg.training, "quantization": cfg.quantization})
-    return data, fmt, tr
+def _keys(cfg, table=None, fingerprint: str = "f0") -> dict[str, str]:
+    table = table or flows.stages.STAGES
+    facts = Facts(cfg, blocks=False)
+    up = {s.name: ArtifactRef(stage=s.name, key="k", path="/p", fingerprint=fingerprint) for s in table}
+    return {s.name: stage_key(key_parts(s, cfg, up, facts)) for s in table}
 
 
-def test_lora_rank_changes_only_training():
-    a = _keys(load_config("tiny"))
-    b = _keys(load_config("tiny", ["lora.r=4"]))
-    assert a[0] == b[0] and a[1] == b[1] and a[2] != b[2]
+def test_lora_rank_changes_train_and_nothing_before_it():
+    a, b = _keys(load_config("tiny")), _keys(load_config("tiny", ["lora.r=4"]))
+    assert [s for s in a if a[s] != b[s]] == ["train"]  # later stages change through train's new fingerprint
 
 
-def test_data_change_changes_data_key():
+def test_data_and_format_fields_change_their_stages():
     a = _keys(load_config("tiny"))
     b = _keys(load_config("tiny", ["data.synthetic_train_rows=50"]))
-    assert a[0] != b[0]
+    c = _keys(load_config("tiny", ["format.max_length=300"]))
+    assert a["data"] != b["data"] and a["format"] == b["format"]
+    assert a["data"] == c["data"] and a["format"] != c["format"] and a["train"] != c["train"]
+
+
+def test_where_logs_go_and_the_price_do_not_retrain():
+    a = _keys(load_config("tiny"))
+    b = _keys(load_config("tiny", ["tracking.project=other", "training.price_per_hour=2.5"]))
+    assert a == b
 
 
 def test_upstream_fingerprint_changes_key():
     cfg = load_config("tiny")
-    keys = set()
-    for fp in ("f1", "f2"):
-        ref = ArtifactRef(stage="data", key="k", path="/p", fingerprint=fp)
-        keys.add(stage_key("format", format_chats.fn.__wrapped__, {"store": "/s", "data": ref, "fmt": cfg.format}))
-    assert len(keys) == 2
+    a, b = _keys(cfg, fingerprint="f1"), _keys(cfg, fingerprint="f2")
+    assert a["authenticate"] == b["authenticate"] and a["data"] == b["data"]
+    assert all(a[s] != b[s] for s in ("format", "train", "evaluate", "save_adapter", "generate"))
+
+
+def test_editing_the_chat_template_changes_the_format_key_and_a_docstring_does_not(monkeypatch):
+    import sft_pipeline.models
+    import tasks.format
+
+    cfg = load_config("tiny")
+    before = _keys(cfg)
+    try:
+        monkeypatch.setattr(tasks.format, "__doc__", "an edited docstring")
+        monkeypatch.setattr(tasks.format.run, "__doc__", "an edited docstring")
+        docs = _keys(cfg, importlib.reload(flows.stages).STAGES)
+        monkeypatch.setattr(sft_pipeline.models, "ZEPHYR_TEMPLATE", sft_pipeline.models.ZEPHYR_TEMPLATE + " ")
+        template = _keys(cfg, importlib.reload(flows.stages).STAGES)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(flows.stages)
+    assert docs == before
+    assert template["format"] != before["format"] and template["data"] == before["data"]
+
+
+def test_every_keyed_field_exists_in_the_config():
+    cfg = PipelineConfig()
+    for stage in flows.stages.STAGES:
+        for name in stage.keyed + stage.reads:
+            if name in FACTS:
+                continue
+            obj = cfg
+            for part in name.split("."):
+                assert hasattr(obj, part), f"stage {stage.name}: {name} is not a config field"
+                obj = getattr(obj, part)
+
+
+def test_a_stage_cannot_read_a_field_its_row_does_not_name():
+    view = ConfigView(load_config("tiny"), frozenset({"lora", "format.max_length"}), "train")
+    assert view.lora.r == 8 and view.format.max_length == 256
+    with pytest.raises(AttributeError, match="stage 'train' reads format.chat_template"):
+        view.format.chat_template
+    with pytest.raises(AttributeError, match="reads generation"):
+        view.generation
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at any depth of the file: lazy imports count too)."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for d in ("flows", "tasks", "sft_pipeline", "bench") for p in (ROOT / d).rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[mod] = {n for n in names if n in files and n != mod}
+    return graph
+
+
+def test_the_package_has_no_import_cycles():
+    graph, state, cycles = _import_graph(), {}, []
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert len(graph) > 20 and not cycles, cycles

@@ -8,7 +8,7 @@ from huggingface_hub.file_download import repo_folder_name
 from flows.sft import sft
 from sft_pipeline.config import ConfigError, DataConfig, load_config, parse_overrides
 from sft_pipeline.hub import dataset_commit
-from tasks.download import source_fingerprint
+from sft_pipeline.chat_data import source_fingerprint
 
 
 def test_override_mapping_means_the_same_as_cli_set():

@@ -1,5 +1,5 @@
 """The pieces behind resuming, fast: fault points, the per-key lock, checkpoint choice, the OOM batch plan,
-stale cache records and which errors are retried."""
+broken artifacts and which errors are retried."""
 from __future__ import annotations
 
 import errno
@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from sft_pipeline import faults
-from sft_pipeline.caching import StageCache, StageFailure, is_transient, records_dir, stage_key
-from sft_pipeline.config import ConfigError, load_config
+from flows.stages import BY_NAME
+from sft_pipeline.config import load_config
+from sft_pipeline.errors import ConfigError, StageFailure, is_transient
+from sft_pipeline.stage import Facts, execute, key_parts, stage_key
 from sft_pipeline.store import Store
-from tasks.download import download_data
 from sft_pipeline.trainer import _batch_plan, _halve_batch, last_checkpoint, seal_checkpoint
 
 
@@ -124,15 +125,19 @@ def test_oom_halves_micro_batch_and_keeps_effective_batch(tmp_path):
         _halve_batch(tmp_path, odd, 2, None, "oom")
 
 
-def test_cut_short_or_orphaned_cache_record_is_dropped(tmp_path):
-    cfg = load_config("tiny")
-    inputs = {"store": str(tmp_path), "data": cfg.data, "source": "s", "auth": None}
-    policy = StageCache(stage="data", fn=download_data.fn.__wrapped__, ignore=("auth",))
-    key = stage_key("data", policy.fn, inputs, policy.ignore)
-    with Store(tmp_path).write("data", key) as d:
-        (d / "x").write_text("rows")
-    record = records_dir(tmp_path) / key
-    record.parent.mkdir(parents=True)
-    record.write_text('{"metadata": {"storage_key": "')  # a kill while Prefect wrote it
-    assert policy.compute_key(None, inputs, {}) == key
-    assert not record.exists()
+def test_broken_artifact_is_recomputed_and_a_finished_one_reused(tmp_path):
+    """The store is the only cache: a finished artifact is reused; a tampered one is computed again in place."""
+    import logging
+
+    cfg = load_config("tiny", ["data.synthetic_train_rows=20", "data.synthetic_test_rows=8",
+                               "data.test_subset.count=8"])
+    st, facts, log = Store(tmp_path), Facts(cfg, blocks=False), logging.getLogger("test")
+    stage = BY_NAME["data"]
+    ref, reused = execute(stage, cfg, st, {}, facts, log)
+    assert not reused and ref.key == stage_key(key_parts(stage, cfg, {}, facts))
+    assert execute(stage, cfg, st, {}, facts, log) == (ref, True)
+    manifest = json.loads((Path(ref.path) / "manifest.json").read_text())
+    assert manifest["inputs"]["config"]["data"]["synthetic_train_rows"] == 20  # the exact key parts, for plan
+    (Path(ref.path) / "train_sft.parquet").write_bytes(b"tampered")
+    again, reused = execute(stage, cfg, st, {}, facts, log)
+    assert not reused and again.path == ref.path and again.fingerprint == ref.fingerprint
