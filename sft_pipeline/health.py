@@ -5,8 +5,8 @@ the evaluate stage's ``metrics.json``, and returns a JSON-able report whose ``se
 words. How each verdict is reached:
 
 - steps: the highest ``step`` logged (one step = one weight update). Below ``min_steps`` the curve says little.
-- trend: the median of the first ``w`` logged train losses against the median of the last ``w`` (``w`` = a quarter
-  of the points, 1 to 10). Medians, so one noisy or spiking point does not decide. More than ``FLAT`` (5 %) lower
+- trend: the median of the first ``w`` logged train losses against the median of the last ``w`` (``w`` = 1 below 6
+  points, 3 below 50, else 5). Medians, so one noisy or spiking point does not decide. More than ``FLAT`` (5 %) lower
   is falling, more than 5 % higher is rising, else flat. A falling curve whose last points sit well above the
   middle ones also gets a "went back up" warning.
 - spikes: a logged loss more than ``spike_margin`` (relative) and ``MIN_JUMP`` (absolute) above the median of the
@@ -83,7 +83,8 @@ def _spikes(train: list[tuple[int, float]], margin: float) -> list[dict]:
 def _trend(losses: list[float]) -> dict:
     if len(losses) < 2:
         return {"direction": "unknown", "rule": "needs at least two logged train losses"}
-    w = min(max(len(losses) // 4, 1), 10)
+    # few points so the numbers match what the picture shows at its ends; 3 or 5 so one odd point does not decide
+    w = 1 if len(losses) < 6 else 3 if len(losses) < 50 else 5
     start, end = median(losses[:w]), median(losses[-w:])
     change = end / start - 1 if start > 0 else 0.0
     direction = "falling" if change < -FLAT else "rising" if change > FLAT else "flat"
