@@ -1,0 +1,95 @@
+"""The run report: loss table rows, the loss PNG and the markdown page."""
+from __future__ import annotations
+
+import base64
+import re
+import struct
+
+from sft_pipeline import health, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+HISTORY = [
+    {"loss": 10.4, "grad_norm": 3.1, "learning_rate": 2e-4, "epoch": 0.2, "step": 10},
+    {"loss": 6.2, "grad_norm": 2.0, "learning_rate": 1.6e-4, "epoch": 0.4, "step": 20},
+    {"eval_loss": 5.9, "eval_runtime": 1.2, "epoch": 0.4, "step": 20},
+    {"loss": 2.5, "grad_norm": 1.1, "learning_rate": 8e-5, "epoch": 0.8, "step": 40},
+    {"eval_loss": 2.1, "eval_runtime": 1.2, "epoch": 1.0, "step": 50},
+    {"train_runtime": 30.0, "train_loss": 5.1, "epoch": 1.0, "step": 50},
+]
+
+SUMMARY = {
+    "recipe": "tiny", "status": "Completed", "flow_run_id": "0b6c7f9e-1111-2222-3333-444455556666",
+    "stages": {
+        "authenticate": {"state": "Cached", "seconds": 0.41, "artifact": "/s/authenticate/aa"},
+        "train": {"state": "Completed", "seconds": 63.27, "artifact": "/s/train/bb", "attempts": 2},
+        "evaluate": {"state": "Completed", "seconds": 9.5, "artifact": "/s/evaluate/cc"},
+    },
+    "eval": {"split": "test_sft", "rows": 20, "base": {"eval_loss": 10.37124, "perplexity": 31918.42},
+             "tuned": {"eval_loss": 0.81234, "perplexity": 2.2531}},
+    "train": {"tokens_per_second": 1234.56, "tokens_per_second_warm": 1500.2, "train_seconds": 4321.0, "steps": 50,
+              "estimate": {"tokens_per_second": 1450, "tokens": 2_500_000, "hours": 0.479, "cost": 1.92}},
+    "adapter": "/s/save_adapter/dd",
+    "promotion": {"promoted": True, "reason": "first adapter promoted for this recipe", "pointer": "/s/p.json"},
+    "wandb": {"sync_command": "wandb sync /s/wandb/offline-run-1"},
+}
+
+
+def test_loss_rows_merge_train_and_eval_by_step():
+    rows = report.loss_rows(HISTORY)
+    assert [r["step"] for r in rows] == [10, 20, 40, 50]
+    assert rows[1] == {"step": 20, "train_loss": 6.2, "eval_loss": 5.9, "learning_rate": 1.6e-4}
+    assert rows[3] == {"step": 50, "train_loss": None, "eval_loss": 2.1, "learning_rate": None}  # not the average
+    assert report.loss_rows([]) == []
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == PNG_SIGNATURE
+    return struct.unpack(">II", png[16:24])  # IHDR width, height
+
+
+def test_loss_png_with_eval_without_eval_and_with_one_point():
+    assert png_size(report.loss_png(HISTORY)) == (700, 400)
+    assert png_size(report.loss_png([e for e in HISTORY if "eval_loss" not in e])) == (700, 400)
+    assert png_size(report.loss_png([{"loss": 1.0, "step": 1}])) == (700, 400)
+    assert png_size(report.loss_png([])) == (700, 400)
+
+
+def test_markdown_has_the_numbers_and_a_decodable_png():
+    png = report.loss_png(HISTORY)
+    h = health.check(HISTORY, SUMMARY["eval"], min_steps=100)
+    md = report.markdown(SUMMARY, h, png)
+    assert md.startswith("# Fine-tune `tiny`: Completed")
+    assert "| train | Completed (2 attempts) | 63.3 | `/s/train/bb` |" in md
+    assert "| authenticate | Cached | 0.4 | `/s/authenticate/aa` |" in md
+    assert "| base (before fine-tuning) | 10.3712 | 31,918 |" in md
+    assert "| tuned | 0.8123 | 2.253 |" in md
+    assert "-9.5589 (better" in md
+    assert "1,235 tokens/s (1,500 after warm-up)" in md
+    assert "1 h 12 min for 50 steps (1.20 h)" in md
+    assert "2,500,000 tokens at 1,450 tokens/s: 0.48 h, cost about 1.92" in md
+    assert "`/s/save_adapter/dd`" in md
+    assert "**Promoted**: first adapter promoted for this recipe" in md
+    assert "Only 50 training steps ran" in md  # the health section, a warning under min_steps=100
+    assert "wandb sync /s/wandb/offline-run-1" in md
+    data = re.search(r"!\[loss curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md).group(1)
+    decoded = base64.b64decode(data)
+    assert decoded == png and png_size(decoded) == (700, 400)
+
+
+def test_markdown_of_a_failed_run_without_eval_or_train():
+    failed = {"recipe": "tiny", "status": "Failed",
+              "stages": {"authenticate": {"state": "Completed", "seconds": 0.5, "artifact": "/s/a"},
+                         "data": {"state": "Failed", "seconds": 1.25,
+                                  "error": "data: split 'train' | row 3: no messages"}}}
+    md = report.markdown(failed, None, None)
+    assert md.startswith("# Fine-tune `tiny`: Failed")
+    assert "| data | Failed | 1.2 | data: split 'train' \\| row 3: no messages |" in md
+    for absent in ("Evaluation", "Training", "Adapter", "Promotion", "data:image", "W&B"):
+        assert absent not in md
+
+
+def test_markdown_links_the_wandb_run():
+    md = report.markdown({"recipe": "tiny", "status": "Completed", "wandb": {"url": "https://wandb.ai/u/p/runs/x"}},
+                         None, None)
+    assert "W&B run: [https://wandb.ai/u/p/runs/x](https://wandb.ai/u/p/runs/x)" in md
