@@ -12,7 +12,10 @@ Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m sft_pipeline.cli run 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,9 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows.stages import STAGES
-from sft_pipeline import preflight, promote
+from sft_pipeline import health, preflight, promote, report
 from sft_pipeline.config import OverrideValue, PipelineConfig, RecipeName, load_config
-from sft_pipeline.errors import ConfigError, StageError, failure_message, is_transient
+from sft_pipeline.errors import ConfigError, StageError, StageFailure, failure_message, is_transient
 from sft_pipeline.models import describe
 from sft_pipeline.stage import Facts, Stage, execute
 from sft_pipeline.store import ArtifactRef, Store, default_store, write_json_atomic
@@ -54,7 +57,12 @@ def run_stage(stage: Stage, cfg: PipelineConfig, store: str, upstream: dict[str,
               attempts: Attempts) -> ArtifactRef:
     """One stage as a Prefect task: ``Cached`` when the store had its artifact, ``Completed`` when computed."""
     attempts.count[stage.name] = attempts.count.get(stage.name, 0) + 1
-    ref, reused = execute(stage, cfg, Store(store), upstream, facts, get_run_logger())
+    log = get_run_logger()
+    try:
+        ref, reused = execute(stage, cfg, Store(store), upstream, facts, log, run_label=flow_run.get_name())
+    except (StageFailure, ConfigError) as exc:  # ours: one line, no traceback (a bug still gets Prefect's)
+        log.error("%s", failure_message(exc))
+        return Failed(message=failure_message(exc), data=exc)
     return Completed(data=ref, name="Cached") if reused else ref
 
 
@@ -85,7 +93,7 @@ class RunRecord:
                 state.result()
             except BaseException as exc:  # noqa: BLE001 - recorded, then raised as the stage's failure
                 record.update(state="Failed", error=failure_message(exc))
-                self.write(status="Failed")
+                publish(self.write(status="Failed"), refs)
                 raise StageError(stage.name, exc) from exc
         ref: ArtifactRef = state.result()
         record.update(artifact=ref.path, key=ref.key, fingerprint=ref.fingerprint)
@@ -103,6 +111,48 @@ class RunRecord:
         return summary
 
 
+def _artifact_key(kind: str, recipe: str) -> str:
+    """Prefect artifact keys allow lower-case letters, digits and dashes: one history per kind and recipe."""
+    return f"sft-{kind}-" + (re.sub(r"[^a-z0-9-]+", "-", recipe.lower()).strip("-") or "recipe")
+
+
+def _history(refs: dict[str, ArtifactRef]) -> list[dict]:
+    train = refs.get("train")
+    return json.loads(train.file("log_history.json").read_text()) if train else []
+
+
+def publish(summary: dict, refs: dict[str, ArtifactRef]) -> None:
+    """The run's report in the Prefect UI, on every run (one whose stages were all Cached too, and a failed one):
+    a markdown report with the loss picture, the loss curve as a table, and the samples."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    recipe, train, history = summary["recipe"], refs.get("train"), _history(refs)
+    checked = summary.get("health") or (health.check(history, summary.get("eval")) if history else None)
+    png = train.file("loss.png").read_bytes() if train and train.file("loss.png").is_file() else None
+    create_markdown_artifact(report.markdown(summary, checked, png), key=_artifact_key("report", recipe),
+                             description=f"Fine-tune {recipe}: {summary['status']}")
+    if history:
+        create_table_artifact(report.loss_rows(history), key=_artifact_key("loss", recipe),
+                              description="Loss curve: train and eval loss and learning rate per step")
+    if refs.get("generate"):
+        create_markdown_artifact(refs["generate"].file("samples.md").read_text(), key=_artifact_key("samples", recipe),
+                                 description="Samples from the base and the tuned model")
+
+
+class _OurFailureHasItsLine(logging.Filter):
+    """Drops the engine's "Engine execution exited with unexpected exception" traceback when the exception is one of
+    ours (a bad config, a stage that failed for good): its one line is already the last log line and the Failed
+    state's message. Any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, (StageError, ConfigError)) and "unexpected exception" in str(record.msg))
+
+
+# A worker runs the flow through Prefect's engine, which logs the failed flow's exception with its traceback.
+logging.getLogger("prefect.flow_runs").addFilter(_OurFailureHasItsLine())
+
+
 def fail_cleanly(fn):
     """End the flow run Failed with one line when a stage failed or the config is bad, instead of a traceback.
 
@@ -114,6 +164,7 @@ def fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except (StageError, ConfigError) as exc:
+            get_run_logger().error("%s", failure_message(exc))
             return Failed(message=failure_message(exc), data=exc)
 
     return wrapper
@@ -144,11 +195,15 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
         refs[stage.name] = record.run(stage, facts, refs)
 
     metrics, adapter = refs["evaluate"], refs["save_adapter"]
+    eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")
+    checked = health.check(_history(refs), eval_metrics)
     promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=refs["format"],
                                  test_split=cfg.data.test_split, flow_run=flow_run.get_id())
-    summary = record.write(status="Completed", eval=metrics.read_json("metrics.json"), adapter=adapter.path,
-                           samples=refs["generate"].file("samples.json").as_posix(),
-                           train=refs["train"].read_json("train_metrics.json"), promotion=promotion)
+    summary = record.write(status="Completed", eval=eval_metrics, adapter=adapter.path,
+                           samples=refs["generate"].file("samples.json").as_posix(), train=train_metrics,
+                           promotion=promotion, health=checked,
+                           **({"wandb": train_metrics["wandb"]} if "wandb" in train_metrics else {}))
+    publish(summary, refs)
     get_run_logger().info("adapter: %s; promoted: %s (%s)", adapter.path, promotion["promoted"],
                           promotion["reason"])
     return summary

@@ -21,6 +21,7 @@ a price for the estimate) are named in ``reads`` and stay out of the key.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class StageContext:
     out: Path  # write the artifact's files here (a temp dir, renamed into place when the stage returns)
     store: Store
     log: logging.Logger | logging.LoggerAdapter
+    run_label: str | None = None  # the Prefect flow run's name, for names shown elsewhere (W&B)
     _config: Any = field(repr=False, default=None)  # the whole config: for the device and the secrets only
 
     @property
@@ -183,8 +185,34 @@ class StageContext:
         return base_model_path(self.cfg.model, self.store)
 
 
+class _Forward(logging.Handler):
+    def __init__(self, target: logging.Logger | logging.LoggerAdapter):
+        super().__init__(logging.INFO)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.log(record.levelno, "%s", record.getMessage())
+
+
+@contextlib.contextmanager
+def _package_logs_to(target: logging.Logger | logging.LoggerAdapter):
+    """While a stage runs, what the package logs (``sft_pipeline.*``: training settings, the estimate, progress) goes
+    to the stage's logger, i.e. Prefect's run logger: the UI shows what the terminal shows. Undone afterwards."""
+    pkg = logging.getLogger("sft_pipeline")
+    handler, before = _Forward(target), (pkg.level, pkg.propagate)
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(before[0])
+        pkg.propagate = before[1]
+
+
 def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], facts: Facts,
-            log: logging.Logger | logging.LoggerAdapter) -> tuple[ArtifactRef, bool]:
+            log: logging.Logger | logging.LoggerAdapter, run_label: str | None = None) -> tuple[ArtifactRef, bool]:
     """Reuse the stage's finished artifact or compute it; returns (artifact, reused).
 
     Under the key's lock (``Store.lock``, released by the kernel even when its holder is SIGKILLed): a second run
@@ -206,9 +234,9 @@ def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], f
         faults.point(stage.name, "start")
         metrics: dict = {}
         allowed = frozenset(n for n in stage.keyed + stage.reads if n not in ("secrets",))
-        with store.write(stage.name, key, inputs=parts, metrics=metrics) as tmp:
+        with store.write(stage.name, key, inputs=parts, metrics=metrics) as tmp, _package_logs_to(log):
             ctx = StageContext(stage=stage.name, key=key, cfg=ConfigView(cfg, allowed, stage.name),
                                upstream={n: upstream[n] for n in stage.needs}, out=tmp, store=store, log=log,
-                               _config=cfg)
+                               run_label=run_label, _config=cfg)
             metrics.update(stage.run(ctx) or {})
     return store.ref(stage.name, key), False

@@ -98,7 +98,7 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
                 if training.price_per_hour is not None:
                     est["cost"] = round(est["hours"] * training.price_per_hour, 2)
                 metrics["estimate"] = est
-                log.warning("estimate: %s tokens at %s tok/s -> %.2f h%s", total_tokens, est["tokens_per_second"],
+                log.info("estimate: %s tokens at %s tok/s -> %.2f h%s", total_tokens, est["tokens_per_second"],
                             est["hours"], f", cost {est['cost']}" if "cost" in est else "")
 
         def on_train_end(self, args, state, control, **kw):
@@ -247,7 +247,10 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     trainer = _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                                      peft_config=peft_config,
                                      callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
-    log.warning("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw per-step dicts on stdout; sft_pipeline.progress logs one line
+    log.info("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
                                                                                "attn_implementation")}))
     return trainer, metrics
 

@@ -12,6 +12,8 @@ W&B logs when ``tracking.backend: wandb`` (offline without a key).
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 
 from sft_pipeline.stage import StageContext
@@ -28,7 +30,7 @@ def _wandb_run(ctx: StageContext):
     """
     tracking = ctx.cfg.tracking
     if tracking.backend != "wandb":
-        yield "none"
+        yield "none", None
         return
     import wandb
 
@@ -36,19 +38,34 @@ def _wandb_run(ctx: StageContext):
     mode = tracking.mode if tracking.mode != "auto" else ("online" if key else "offline")
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         mode = os.environ["WANDB_MODE"]
-    run = wandb.init(project=tracking.project, name=tracking.run_name or f"sft-{ctx.key[:8]}", mode=mode,
-                     dir=str(ctx.store.work_dir("wandb", ctx.key)), reinit="finish_previous",
+    # the run's name and config point back at the Prefect flow run (its name is what the UI lists)
+    name = tracking.run_name or f"{ctx.run_label or 'sft'}-{ctx.key[:8]}"
+    run = wandb.init(project=tracking.project, name=name, mode=mode, dir=str(ctx.store.work_dir("wandb", ctx.key)),
+                     reinit="finish_previous", config={"prefect_flow_run": ctx.run_label, "stage_key": ctx.key},
                      settings=wandb.Settings(api_key=key) if key and mode == "online" else None)
     try:
-        yield "wandb"
+        yield "wandb", run
     finally:
         run.finish()
+
+
+def _wandb_links(run, png: bytes) -> dict:
+    """Log the loss picture into the W&B run; return where to see it (online) or how to upload it (offline)."""
+    import wandb
+    from PIL import Image
+
+    run.log({"loss_curve": wandb.Image(Image.open(io.BytesIO(png)))})
+    if run.settings.mode == "online" and run.url:
+        return {"url": run.url}
+    return {"sync_command": f"wandb sync {run.dir.removesuffix('/files')}"}
 
 
 def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
+    from sft_pipeline import health, report
+    from sft_pipeline.progress import Progress
     from sft_pipeline.trainer import save_trained, train_until_done
 
     cfg, chats = ctx.cfg, ctx.upstream["format"]
@@ -56,10 +73,18 @@ def run(ctx: StageContext) -> dict:
     train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.train_split}.parquet")))
     eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.test_split}.parquet"))) \
         if cfg.training.eval_strategy != "no" else None
-    with _wandb_run(ctx) as report_to:
+    tokens = chats.read_json("stats.json")[cfg.data.train_split]["tokens"] * cfg.training.epochs
+    progress = Progress(ctx.log, total_tokens=int(tokens))  # a line per logging step + the UI's progress bar
+    with _wandb_run(ctx) as (report_to, wandb_run):
         trainer, metrics = train_until_done(
             train_ds, eval_ds, tok, ctx.base_model(), cfg.model, cfg.quantization, cfg.lora, cfg.training,
             cfg.format.max_length, ctx.work, ctx.device, ctx.hf_token, report_to,
-            cfg.tracking.run_name or f"sft-{ctx.key[:8]}", logger=ctx.log)
+            cfg.tracking.run_name or f"sft-{ctx.key[:8]}", logger=ctx.log, extra_callbacks=[progress])
+        history = trainer.state.log_history
+        png = report.loss_png(history)
+        if wandb_run is not None:
+            metrics["wandb"] = _wandb_links(wandb_run, png)
     save_trained(trainer, metrics, ctx.out)
+    (ctx.out / "loss.png").write_bytes(png)
+    (ctx.out / "health.json").write_text(json.dumps(health.check(history), indent=2))  # the flow adds eval
     return metrics
