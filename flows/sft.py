@@ -187,8 +187,8 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
         recipe_file: a recipe YAML on the machine that runs the flow, used instead of recipe.
     """
     cfg = load_config(recipe_file or recipe, overrides or {})
-    preflight.check(cfg)
     st = Store(store or default_store())
+    preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg), {}
     for stage in STAGES:  # authenticate → data → format → train → evaluate → save_adapter → generate

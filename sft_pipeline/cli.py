@@ -105,13 +105,15 @@ def _plan(args) -> int:
     """Predict the run from the stage table and the store alone: no Prefect server is started."""
     from flows.stages import STAGES
     from sft_pipeline.config import load_config
-    from sft_pipeline.plan import plan, print_plan, write_plan
+    from sft_pipeline.plan import estimate, plan, print_plan, write_plan
     from sft_pipeline.store import Store, default_store
 
-    steps = plan(load_config(args.recipe, args.overrides), Store(args.store or default_store()), STAGES)
-    print_plan(steps)
+    cfg, store = load_config(args.recipe, args.overrides), Store(args.store or default_store())
+    steps = plan(cfg, store, STAGES)
+    est = estimate(cfg, store, steps)
+    print_plan(steps, est=est)
     if args.summary_json:
-        write_plan(steps, args.summary_json)
+        write_plan(steps, args.summary_json, est)
     return 0
 
 
@@ -123,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(recipe_names()))
         return 0
     from sft_pipeline import preflight
+    from sft_pipeline.store import default_store
 
     try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
-        preflight.check(load_config(args.recipe, args.overrides))
+        preflight.check(load_config(args.recipe, args.overrides), args.store or default_store())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

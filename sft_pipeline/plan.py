@@ -131,13 +131,74 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
     return steps
 
 
-def print_plan(steps: list[dict], file=None) -> None:
+# measured on one H100 80GB, Mistral-7B architecture, QLoRA, packing, max length 2048 (BENCHMARKS.md)
+H100_7B_TOKENS_PER_SECOND = 13_000
+
+
+def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
+    """tok/s of the newest train artifact in this store with the same base model and device."""
+    facts = Facts(cfg, blocks=False)
+    found = []
+    for manifest in (store.root / "train").glob(f"*/{MANIFEST}"):
+        try:
+            m = json.loads(manifest.read_text())
+            same = m["inputs"]["config"]["model"]["fingerprint"] == facts.model and \
+                m["inputs"]["config"]["training"]["device"] == cfg.training.device
+            rate = m["metrics"].get("tokens_per_second_warm") or m["metrics"].get("tokens_per_second")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if same and rate:
+            found.append((m.get("created", ""), float(rate)))
+    return (max(found)[1], "the last run of this model in this store") if found else None
+
+
+def planned_tokens(training, stats: dict) -> int:
+    """Tokens a training run will see: the split's tokens times the epochs, or fewer when max_steps stops it first
+    (steps x effective batch x mean conversation length)."""
+    tokens = stats["tokens"] * training.epochs
+    if training.max_steps > 0:
+        per_step = training.per_device_batch_size * training.gradient_accumulation_steps * stats["mean"]
+        tokens = min(tokens, training.max_steps * per_step)
+    return int(tokens)
+
+
+def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
+    """Training time and cost before training: the format stage's token count (when its artifact is there) at the
+    last run's tok/s for this model, else the H100 figure for a 7B model; None when neither is known."""
+    fmt = next((s for s in steps if s["stage"] == "format" and s["decision"] == "reuse"), None)
+    if fmt is None:
+        return None
+    stats = json.loads((Path(fmt["artifact"]) / "stats.json").read_text())[cfg.data.train_split]
+    tokens = planned_tokens(cfg.training, stats)
+    rate = _measured_rate(cfg, store)
+    if rate is None:
+        from sft_pipeline.preflight import model_config, parameter_count
+
+        mc = model_config(cfg)
+        if mc is None or parameter_count(mc) < 5e9:
+            return {"tokens": int(tokens)}
+        rate = (H100_7B_TOKENS_PER_SECOND, "a 7B model on one H100, BENCHMARKS.md")
+    out = {"tokens": int(tokens), "tokens_per_second": rate[0], "rate_from": rate[1],
+           "hours": round(tokens / rate[0] / 3600, 3)}
+    if cfg.training.price_per_hour is not None:
+        out["cost"] = round(out["hours"] * cfg.training.price_per_hour, 2)
+    return out
+
+
+def print_plan(steps: list[dict], file=None, est: dict | None = None) -> None:
     print(f"{'stage':<14}{'plan':<7}{'key':<26}why", file=file)
     for s in steps:
         why = s["reason"] + (f": {s['artifact']}" if s["artifact"] else "")
         print(f"{s['stage']:<14}{s['decision']:<7}{(s['key'] or '?'):<26}{why}", file=file)
+    if est and "hours" in est:
+        cost = f", cost {est['cost']:.2f} at training.price_per_hour" if "cost" in est else ""
+        print(f"\ntraining estimate: {est['tokens']:,} tokens at {est['tokens_per_second']:,.0f} tok/s "
+              f"({est['rate_from']}) -> {est['hours']:.2f} h{cost}", file=file)
+    elif est:
+        print(f"\ntraining estimate: {est['tokens']:,} tokens; no tok/s figure for this model here yet (one run "
+              "measures it)", file=file)
 
 
-def write_plan(steps: list[dict], path: str | Path) -> None:
+def write_plan(steps: list[dict], path: str | Path, est: dict | None = None) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"plan": steps}, indent=2))
+    Path(path).write_text(json.dumps({"plan": steps, "estimate": est}, indent=2))

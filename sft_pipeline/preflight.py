@@ -8,13 +8,22 @@ the machine and the inputs the config names:
 - ``data.source=local``: the path exists and has a file for each split name; ``synthetic``: the split names exist;
 - ``generation.prompts``: each prompt is a chat ending with a user turn;
 - ``format.max_length`` longer than the chat template's own overhead (measured with the real tokenizer for
-  ``build`` and ``local`` models when max_length < 512; the format stage checks it again for every model).
+  ``build`` and ``local`` models when max_length < 512; the format stage checks it again for every model);
+- a gated hub model (``model.requires_token``) with no HF token in the environment (or, inside the flow, in the
+  Prefect Secret block);
+- on a GPU: bf16 asked for on a card without bf16, and the model plus one sequence of ``format.max_length`` tokens
+  (with activation checkpointing, the leanest setting) not fitting the card's free memory;
+- the store's disk having less free space than the base model, the data and the checkpoints need (an estimate).
 
-Hub models and data sets are not contacted here; their problems surface in the stage that loads them.
+Sizes come from the model's config (``config.json`` of a local, built or converted model; for a hub model only when
+the hub cache or the hub has it). Hub data sets are not contacted: their problems surface in the data stage.
 """
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+from pathlib import Path
 
 from sft_pipeline.config import PipelineConfig
 from sft_pipeline.errors import ConfigError, ModelSourceError
@@ -107,9 +116,147 @@ def _overhead(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def check(cfg: PipelineConfig) -> None:
-    """Raise ConfigError naming the field when the config cannot work on this machine with these inputs."""
-    for probe in (_device, _model, _data, _prompts, _overhead):  # cheap first; the tokenizer last
+GIB = 2**30
+ACT_BYTES_CKPT = 6  # activation bytes per (token x hidden unit x layer) with checkpointing (sft_pipeline/trainer.py)
+
+
+def _gated(cfg: PipelineConfig, blocks: bool) -> str | None:
+    model, auth = cfg.model, cfg.auth
+    if model.source != "hub" or not model.requires_token:
+        return None
+    from sft_pipeline import secrets
+
+    if secrets.resolve(auth.hf_token_env, auth.hf_token_block if blocks else None)[0]:
+        return None
+    if not blocks:  # a Prefect Secret block may still hold it: the flow checks again with blocks
+        return None
+    return (f"model {model.name!r} is gated and needs a Hugging Face token: set the {auth.hf_token_env} environment "
+            f"variable or create a Prefect Secret block named {auth.hf_token_block!r} (auth.hf_token_block)")
+
+
+def model_config(cfg: PipelineConfig):
+    """The base model's transformers config without loading weights, or None when it cannot be had cheaply."""
+    model = cfg.model
+    try:
+        if model.source == "build":
+            from transformers import MistralConfig
+
+            from sft_pipeline.models import ARCHITECTURES
+
+            return MistralConfig(**{**ARCHITECTURES[model.name], **model.build})
+        from transformers import AutoConfig
+
+        if model.source == "local":
+            return AutoConfig.from_pretrained(model.name)
+        if model.source == "hub":
+            return AutoConfig.from_pretrained(model.name, revision=model.revision)
+    except Exception:  # noqa: BLE001 - no config at hand (offline, gated, other source): the sizes are unknown
+        return None
+    return None
+
+
+def parameter_count(mc) -> int:
+    """Parameters of a decoder-only transformer from its config (Llama/Mistral layout; norms left out)."""
+    h, layers, vocab = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
+    heads = mc.num_attention_heads
+    kv = getattr(mc, "num_key_value_heads", None) or heads
+    head_dim = getattr(mc, "head_dim", None) or h // heads
+    inter = getattr(mc, "intermediate_size", 4 * h)
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    per_layer = attn + 3 * h * inter
+    embed = vocab * h * (1 if getattr(mc, "tie_word_embeddings", False) else 2)
+    return layers * per_layer + embed
+
+
+def _cuda_free_bytes() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0]
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def gpu_need_bytes(cfg: PipelineConfig, mc) -> int:
+    """The least a training step needs: the weights (4-bit: ~0.56 bytes a parameter with its scales, else 2) and
+    one sequence of format.max_length tokens with activation checkpointing, plus its fp32 logits."""
+    params = parameter_count(mc)
+    weights = params * (0.56 if cfg.quantization.load_in_4bit else 2)
+    seq = cfg.format.max_length
+    acts = ACT_BYTES_CKPT * mc.hidden_size * mc.num_hidden_layers * seq + 4 * mc.vocab_size * seq * 2
+    return int(weights + acts)
+
+
+def _gpu(cfg: PipelineConfig) -> str | None:
+    from sft_pipeline.models import resolve_device
+
+    try:
+        if resolve_device(cfg.training.device) != "cuda":
+            return None
+    except ModelSourceError:
+        return None  # _device reports it
+    if cfg.quantization.compute_dtype == "bfloat16" and not _bf16_supported():
+        return ("quantization.compute_dtype=bfloat16 but this GPU has no bf16 support; allowed here: auto, float16, "
+                "float32")
+    mc = model_config(cfg)
+    if mc is None:
+        return None
+    need, free = gpu_need_bytes(cfg, mc), _cuda_free_bytes()
+    if need > free:
+        return (f"the model and one sequence of format.max_length={cfg.format.max_length} tokens need about "
+                f"{need / GIB:.1f} GiB of GPU memory even with activation checkpointing; the GPU has "
+                f"{free / GIB:.1f} GiB free (lower format.max_length, keep quantization.load_in_4bit, or free the GPU)")
+    return None
+
+
+def disk_need_bytes(cfg: PipelineConfig, mc) -> dict[str, int]:
+    """What a run writes, roughly: the base model once (bf16), the data (local files' size; 0 when unknown), the
+    tokenized data, and the checkpoints kept (LoRA weights + Adam states)."""
+    from sft_pipeline.chat_data import local_files
+
+    model = parameter_count(mc) * 2 if mc is not None and cfg.model.source in ("hub", "build") else 0
+    data = 0
+    if cfg.data.source == "local":
+        try:
+            data = sum(os.path.getsize(p) for p in local_files(cfg.data)) * 2
+        except ConfigError:
+            data = 0
+    lora = 0
+    if mc is not None:  # r x (in + out) per adapted matrix; all linear layers as the upper bound
+        lora = cfg.lora.r * 2 * mc.hidden_size * 7 * mc.num_hidden_layers
+    checkpoints = lora * (2 + 8 + 4) * (cfg.training.save_total_limit + 3)  # weights, Adam, fp32 grads; artifacts
+    return {"model": model, "data": data, "checkpoints": checkpoints}
+
+
+def _disk_free(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _disk(cfg: PipelineConfig, store: str | Path | None) -> str | None:
+    if store is None:
+        return None
+    parts = disk_need_bytes(cfg, model_config(cfg))
+    need, free = sum(parts.values()), _disk_free(Path(store).expanduser())
+    if need > free:
+        detail = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items() if v)
+        return (f"the store's disk ({store}) has {free / GIB:.1f} GiB free; this run needs about {need / GIB:.1f} GiB "
+                f"({detail}): free some space or pass --store on a bigger disk")
+    return None
+
+
+def check(cfg: PipelineConfig, store: str | Path | None = None, blocks: bool = False) -> None:
+    """Raise ConfigError naming the field when the config cannot work on this machine with these inputs.
+
+    ``blocks``: also look for secrets in Prefect Secret blocks (inside the flow, where a Prefect API is at hand).
+    """
+    probes = (_device, _model, _data, _prompts, lambda c: _gated(c, blocks), _overhead, _gpu,
+              lambda c: _disk(c, store))
+    for probe in probes:  # cheap first; the tokenizer and the model config last
         problem = probe(cfg)
         if problem:
             raise ConfigError(f"invalid config: {problem}")

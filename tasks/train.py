@@ -65,6 +65,7 @@ def run(ctx: StageContext) -> dict:
     from transformers import AutoTokenizer
 
     from sft_pipeline import health, report
+    from sft_pipeline.plan import planned_tokens
     from sft_pipeline.progress import Progress
     from sft_pipeline.trainer import save_trained, train_until_done
 
@@ -73,8 +74,8 @@ def run(ctx: StageContext) -> dict:
     train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.train_split}.parquet")))
     eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.test_split}.parquet"))) \
         if cfg.training.eval_strategy != "no" else None
-    tokens = chats.read_json("stats.json")[cfg.data.train_split]["tokens"] * cfg.training.epochs
-    progress = Progress(ctx.log, total_tokens=int(tokens))  # a line per logging step + the UI's progress bar
+    tokens = planned_tokens(cfg.training, chats.read_json("stats.json")[cfg.data.train_split])
+    progress = Progress(ctx.log, total_tokens=tokens)  # a line per logging step + the UI's progress bar
     with _wandb_run(ctx) as (report_to, wandb_run):
         trainer, metrics = train_until_done(
             train_ds, eval_ds, tok, ctx.base_model(), cfg.model, cfg.quantization, cfg.lora, cfg.training,

@@ -250,6 +250,67 @@ def test_custom_run_from_the_ui(prefect, tmp_path):
     assert states(summary) == ["Cached"] * 6 + ["Completed"]
 
 
+def _artifacts(server: PrefectServer, flow_run_id: str) -> list[dict]:
+    return server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+
+def _logs(server: PrefectServer, flow_run_id: str) -> list[dict]:
+    return server.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
+                                                    "sort": "TIMESTAMP_ASC"})
+
+
+WATCH = json.dumps({"training.max_steps": 8, "training.logging_steps": 2, "evaluation.max_samples": 16,
+                    "generation.max_new_tokens": 4})
+
+
+def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
+    """Progress, a log line per logging step, the estimate, the report with eval, adapter and promotion, the loss
+    table; a rerun (all Cached) has its report too; the report page shows the loss picture in a real browser."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, store = prefect
+    run = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
+    summary = summary_of(store, run)
+    assert states(summary)[3:] == ["Completed"] * 4
+    arts = {a["key"] or a["type"]: a for a in _artifacts(server, run["id"])}
+    assert arts["progress"]["data"] == 100
+    report = arts["sft-report-tiny"]["data"]
+    assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in report and summary["adapter"] in report
+    assert "Promot" in report and "data:image/png;base64," in report
+    rows = json.loads(arts["sft-loss-tiny"]["data"]) if isinstance(arts["sft-loss-tiny"]["data"], str) \
+        else arts["sft-loss-tiny"]["data"]
+    assert [r["step"] for r in rows if r.get("train_loss") is not None] == [2, 4, 6, 8]
+    lines = [entry["message"] for entry in _logs(server, run["id"])]
+    steps = [m for m in lines if re.search(r"train: step \d+/8 .* loss \d", m)]
+    assert len(steps) == 4, lines
+    assert any(m.startswith("estimate:") for m in lines) and any(m.startswith("training settings:") for m in lines)
+
+    again = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
+    assert states(summary_of(store, again)) == ["Cached"] * 7
+    report_again = next(a for a in _artifacts(server, again["id"]) if a["key"] == "sft-report-tiny")
+
+    browser = _browser(tmp_path)
+    try:
+        browser.get(f"{server.url}/artifacts/artifact/{report_again['id']}")
+        img = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
+        assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in browser.find_element(By.TAG_NAME, "body").text
+        browser.execute_script("arguments[0].scrollIntoView()", img)
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        if os.environ.get("SFT_PIPELINE_SCREENSHOT"):  # README's picture: SFT_PIPELINE_SCREENSHOT=docs/watch-a-run.png
+            browser.get(f"{server.url}/artifacts/artifact/{report_again['id']}")
+            WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
+            time.sleep(2)
+            browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT"])
+    except Exception:
+        browser.save_screenshot(str(server.home / "ui-failure.png"))
+        raise
+    finally:
+        browser.quit()
+
+
 def test_scheduled_run_with_unchanged_inputs_is_all_cached(prefect):
     server, store = prefect
     dep = server.deployment("sft-pipeline/tiny")
@@ -330,9 +391,29 @@ def test_bad_parameters_are_refused_before_any_stage(prefect):
         run = server.wait_final(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
         assert run["state"]["type"] == "FAILED"
         message = run["state"]["message"]
-        assert field in message and "hf_not_a_param" not in message, message
+        assert field in message and "hf_not_a_param" not in message and "\n" not in message, message
         tasks = server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
         assert tasks == []  # no stage ran
+        errors = [e["message"] for e in _logs(server, run["id"]) if e["level"] >= 40]
+        assert errors and not [m for m in errors if "Traceback" in m], errors  # the one line, no traceback wall
+
+
+def test_a_stage_failing_on_bad_rows_ends_with_its_line_and_no_traceback(prefect, tmp_path):
+    server, _ = prefect
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    bad = [{**row, "messages": row["messages"][:1]} for row in synthetic.conversations(40, seed=1)]  # no assistant
+    for split, rows in (("train_sft", bad), ("test_sft", synthetic.conversations(8, seed=2))):
+        datasets.Dataset.from_list(rows).to_parquet(str(chats / f"{split}.parquet"))
+    overrides = json.dumps({"data.source": "local", "data.dataset": str(chats)})
+    run = server.run_deployment("sft-pipeline/tiny", f"overrides={overrides}")
+    assert run["state"]["type"] == "FAILED"
+    assert run["state"]["message"].startswith("stage 'data' failed: data: 40 of 40 rows"), run["state"]["message"]
+    entries = _logs(server, run["id"])
+    errors = [e["message"] for e in entries if e["level"] >= 40]
+    assert errors and not [m for m in errors if "Traceback" in m], errors
+    assert entries[-1]["message"] == run["state"]["message"] or \
+        run["state"]["message"] in [e["message"] for e in entries[-3:]], [e["message"] for e in entries[-5:]]
 
 
 def test_serve_makes_a_deployment_that_runs(prefect):

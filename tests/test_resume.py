@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -131,13 +132,17 @@ def plan(store: Path, tmp_path: Path, *overrides: str) -> tuple[list[dict], str]
     out = tmp_path / "plan.json"
     proc = cli("plan", *run_args(store, out, *overrides)[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "temporary server" not in proc.stdout + proc.stderr  # plan needs no Prefect server
     return json.loads(out.read_text())["plan"], proc.stdout
 
 
 def test_plan_names_the_changed_field(reference, tmp_path):
     ref_store, _ = reference
-    steps, printed = plan(ref_store, tmp_path, "lora.r=4")
+    steps, printed = plan(ref_store, tmp_path, "lora.r=4", "training.price_per_hour=2")
     assert "lora.r: 8 -> 4" in printed
+    # the time and cost before training: the format stage's tokens at the reference run's speed
+    assert re.search(r"training estimate: [\d,]+ tokens at [\d,]+ tok/s \(the last run of this model in this store\) "
+                     r"-> [\d.]+ h, cost [\d.]+", printed), printed
     assert [s["decision"] for s in steps] == ["reuse"] * 3 + ["run"] * 4
     assert steps[3]["reason"] == "lora.r: 8 -> 4"
     assert steps[4]["reason"].startswith("after train runs")
