@@ -16,7 +16,7 @@ the machine and the inputs the config names:
 - the store's disk having less free space than the base model, the data and the checkpoints need (an estimate).
 
 Sizes come from the model's config (``config.json`` of a local, built or converted model; for a hub model only when
-the hub cache or the hub has it). Hub data sets are not contacted: their problems surface in the data stage.
+the local hub cache has it: no hub is contacted here). Hub data sets are not contacted: their problems surface in the data stage.
 """
 from __future__ import annotations
 
@@ -148,8 +148,8 @@ def model_config(cfg: PipelineConfig):
 
         if model.source == "local":
             return AutoConfig.from_pretrained(model.name)
-        if model.source == "hub":
-            return AutoConfig.from_pretrained(model.name, revision=model.revision)
+        if model.source == "hub":  # from the local hub cache only: preflight contacts no hub
+            return AutoConfig.from_pretrained(model.name, revision=model.revision, local_files_only=True)
     except Exception:  # noqa: BLE001 - no config at hand (offline, gated, other source): the sizes are unknown
         return None
     return None

@@ -254,9 +254,19 @@ def _artifacts(server: PrefectServer, flow_run_id: str) -> list[dict]:
     return server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
 
 
-def _logs(server: PrefectServer, flow_run_id: str) -> list[dict]:
-    return server.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
-                                                    "sort": "TIMESTAMP_ASC"})
+def _logs(server: PrefectServer, flow_run_id: str, until=None) -> list[dict]:
+    """The flow run's log entries, oldest first; with ``until(entries)``, polled (logs arrive in batches) up to 60 s."""
+    deadline = time.time() + 60
+    while True:
+        entries = server.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                           "limit": 200, "sort": "TIMESTAMP_ASC"})
+        if until is None or until(entries) or time.time() > deadline:
+            return entries
+        time.sleep(2)
+
+
+def _errors(entries: list[dict]) -> list[str]:
+    return [e["message"] for e in entries if e["level"] >= 40]
 
 
 WATCH = json.dumps({"training.max_steps": 8, "training.logging_steps": 2, "evaluation.max_samples": 16,
@@ -282,7 +292,7 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     rows = json.loads(arts["sft-loss-tiny"]["data"]) if isinstance(arts["sft-loss-tiny"]["data"], str) \
         else arts["sft-loss-tiny"]["data"]
     assert [r["step"] for r in rows if r.get("train_loss") is not None] == [2, 4, 6, 8]
-    lines = [entry["message"] for entry in _logs(server, run["id"])]
+    lines = [entry["message"] for entry in _logs(server, run["id"], until=lambda e: len(e) > 20)]
     steps = [m for m in lines if re.search(r"train: step \d+/8 .* loss \d", m)]
     assert len(steps) == 4, lines
     assert any(m.startswith("estimate:") for m in lines) and any(m.startswith("training settings:") for m in lines)
@@ -394,8 +404,9 @@ def test_bad_parameters_are_refused_before_any_stage(prefect):
         assert field in message and "hf_not_a_param" not in message and "\n" not in message, message
         tasks = server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
         assert tasks == []  # no stage ran
-        errors = [e["message"] for e in _logs(server, run["id"]) if e["level"] >= 40]
+        errors = _errors(_logs(server, run["id"], until=_errors))
         assert errors and not [m for m in errors if "Traceback" in m], errors  # the one line, no traceback wall
+        assert errors[-1] == message
 
 
 def test_a_stage_failing_on_bad_rows_ends_with_its_line_and_no_traceback(prefect, tmp_path):
@@ -409,11 +420,9 @@ def test_a_stage_failing_on_bad_rows_ends_with_its_line_and_no_traceback(prefect
     run = server.run_deployment("sft-pipeline/tiny", f"overrides={overrides}")
     assert run["state"]["type"] == "FAILED"
     assert run["state"]["message"].startswith("stage 'data' failed: data: 40 of 40 rows"), run["state"]["message"]
-    entries = _logs(server, run["id"])
-    errors = [e["message"] for e in entries if e["level"] >= 40]
-    assert errors and not [m for m in errors if "Traceback" in m], errors
-    assert entries[-1]["message"] == run["state"]["message"] or \
-        run["state"]["message"] in [e["message"] for e in entries[-3:]], [e["message"] for e in entries[-5:]]
+    errors = _errors(_logs(server, run["id"], until=lambda e: run["state"]["message"] in _errors(e)))
+    assert not [m for m in errors if "Traceback" in m], errors
+    assert errors[-1] == run["state"]["message"], errors
 
 
 def test_serve_makes_a_deployment_that_runs(prefect):

@@ -65,6 +65,8 @@ def test_canary_secrets_appear_nowhere(tmp_path):
                                                                          "offline")
     # W&B really ran and wrote its files; the trainer really checkpointed (training_args.bin included)
     assert list((store / ".work" / "wandb").rglob("offline-run-*")), "no W&B offline run was written"
+    sync = summary["wandb"]["sync_command"]  # the report says how to upload the offline run
+    assert sync.startswith("wandb sync ") and Path(sync.split(" ", 2)[2]).name.startswith("offline-run-"), sync
     assert list((store / ".work" / "train").rglob("checkpoint-*/training_args.bin"))
     assert not list(store.rglob("adapter/training_args.bin"))
     assert not (Path(summary["adapter"]) / "training_args.bin").exists()
