@@ -12,6 +12,7 @@ import json
 from sft_pipeline.caching import StageFailure, current_key, stage_task
 from sft_pipeline.config import FormatConfig, ModelConfig
 from sft_pipeline.store import ArtifactRef, Store
+from sft_pipeline.tokenizing import encode_chats
 
 
 def _stats(lengths: list[int], truncated: int) -> dict:
@@ -43,24 +44,8 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
     with st.write("format", current_key(), inputs={"format": fmt.model_dump(), "base": base}, metrics=stats) as tmp:
         for split in splits:
             ds = datasets.Dataset.from_parquet(str(data.file(f"{split}.parquet")))
-
-            def encode(batch):
-                convs = []
-                for messages in batch["messages"]:
-                    messages = list(messages)
-                    if fmt.system_message is not None and messages[0]["role"] != "system":
-                        messages = [{"role": "system", "content": fmt.system_message}] + messages
-                    convs.append(messages)
-                out = tok.apply_chat_template(convs, tokenize=True, return_dict=True,
-                                              return_assistant_tokens_mask=fmt.assistant_only_loss)
-                rows = {"input_ids": [list(ids)[: fmt.max_length] for ids in out["input_ids"]],
-                        "length": [len(ids) for ids in out["input_ids"]]}
-                if fmt.assistant_only_loss:
-                    rows["assistant_masks"] = [list(m)[: fmt.max_length] for m in out["assistant_masks"]]
-                return rows
-
-            enc = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names,
-                         desc=f"tokenize {split}")
+            enc = encode_chats(ds, tok, system_message=fmt.system_message, max_length=fmt.max_length,
+                               assistant_only_loss=fmt.assistant_only_loss)
             lengths = enc["length"]
             if fmt.assistant_only_loss and not any(any(m) for m in enc["assistant_masks"][:50]):
                 raise StageFailure("format.assistant_only_loss needs a chat template with {% generation %} marks "
