@@ -23,7 +23,7 @@ log = logging.getLogger("sft_pipeline.train")
 # (Mistral-7B architecture, 2048 tokens, SDPA: 12.5 GiB for one sequence); with checkpointing only layer inputs stay.
 # Only the first guess now: on CUDA the plan measures a real step (measure_step_memory) and decides from that.
 ACT_BYTES, ACT_BYTES_CKPT = 52, 6
-MICRO_CAP = 8  # micro-batches above 8 packed rows were not faster on an H100 (BENCHMARKS.md)
+MICRO_CAP = 8  # not measured above 4: on an 80 GB H100, 8 rows of 2048 need ~75 GiB (8.8 GiB a row), over the margin
 MARGIN = 0.10  # of the memory there is, kept free: allocator fragmentation from packed rows of varying length
 MARGIN_MIN = 2 * 2**30
 
