@@ -12,6 +12,12 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``project``: ``tasks.train.build_trainer`` with the ``mistral-7b-qlora`` recipe, as the flow runs it
 - ``project-flex``: the same with ``model.attn_implementation=flex_attention`` (per-sequence attention for packed
   rows through a block-sparse mask, instead of SDPA's dense masked attention)
+- ``old``: the project before issue 14 (batch plan from a per-token constant, trl's LM head with its metrics)
+- ``lean`` / ``ligerhead``: ``old`` with one lever: the lean LM head, or Liger's fused linear cross-entropy
+- ``measured``: ``old`` with the measured batch plan alone (cap 4, trl's head)
+- ``mb8``: the default with the measured plan allowed up to micro-batch 8; ``compile``: the default with regional
+  ``torch.compile`` of the decoder layers
+- ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
 
 All: nf4 + double quant, bf16 compute, LoRA r64 α16 dropout 0.1 on q/k/v/o, SDPA (flash-attn if installed for
 ``project``), max length 2048, effective batch 16 sequences per optimizer step.
@@ -28,6 +34,10 @@ import time
 from pathlib import Path
 
 MODEL_DIR = Path("/dev/shm/sft-bench/mistral-7b")
+TOKENIZER = os.environ.get("SFT_BENCH_TOKENIZER")  # a saved tokenizer (the GPU machine lacks mistral-common)
+SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate", "head": "lean"},
+          "ligerhead": {"plan": "estimate", "head": "liger"}, "measured": {"head": "trl", "cap": 4},
+          "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}}
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
 EFFECTIVE_BATCH = 16
@@ -43,14 +53,19 @@ def prepare() -> None:
     from sft_pipeline import synthetic
     from sft_pipeline.models import build_tokenizer
 
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(TOKENIZER) if TOKENIZER else build_tokenizer()
+
     if not (MODEL_DIR / "config.json").is_file():
         with torch.device("cuda"):
             model = MistralForCausalLM(MistralConfig()).to(torch.bfloat16)
         model.save_pretrained(MODEL_DIR, max_shard_size="20GB")
-        build_tokenizer().save_pretrained(MODEL_DIR)
+        tokenizer().save_pretrained(MODEL_DIR)
         del model
     if not DATA.is_file():
-        tok = build_tokenizer()
+        tok = tokenizer()
         rows = synthetic.long_conversations(700, seed=0)
         ids = tok.apply_chat_template([r["messages"] for r in rows], tokenize=True, return_dict=True)["input_ids"]
         datasets.Dataset.from_dict({"input_ids": [list(x)[:2048] for x in ids]}).to_parquet(str(DATA))
@@ -78,6 +93,10 @@ def _timer(result: dict):
             result["seconds"] = round(dt, 2)
             result["tok_s"] = round(result["tokens"] / dt)
             result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            from torch._dynamo.utils import counters
+
+            result["dynamo"] = {k: sum(v.values()) for k, v in counters.items() if k in ("stats", "graph_break",
+                                                                                           "recompiles")}
 
     return Timer()
 
@@ -92,7 +111,8 @@ def run_one(setting: str) -> dict:
     result: dict = {"setting": setting}
     steps = WARM_STEPS + TIMED_STEPS
     out = f"/tmp/bench-{setting}-{os.getpid()}"
-    if setting.startswith("project"):
+    speed = SPEEDS.get(setting.split("@")[0])
+    if setting.startswith("project") or speed is not None:
         from sft_pipeline.config import load_config
         from sft_pipeline.trainer import build_trainer
 
@@ -103,8 +123,9 @@ def run_one(setting: str) -> dict:
             *(["model.attn_implementation=flex_attention"] if setting == "project-flex" else [])])
         trainer, metrics = build_trainer(ds, None, tok, str(MODEL_DIR), cfg.model, cfg.quantization, cfg.lora,
                                          cfg.training, cfg.format.max_length, out, "cuda",
-                                         extra_callbacks=[_timer(result)])
-        result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation")}
+                                         extra_callbacks=[_timer(result)], speed=speed)
+        result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
+                                                       "compile")}
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -135,33 +156,62 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--settings", default="notebook,liger2,project,project-flex")
+    p.add_argument("--order", help="settings in the order to run them, repeats allowed (replaces --runs/--settings)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no setting after this many seconds")
+    p.add_argument("--hold-gib", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args()
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one)), flush=True)
         return
-    prepare()
-    import torch
+    if a.hold_gib:  # another process holding GPU memory, until killed
+        import torch
 
-    card = torch.cuda.get_device_name(0)
+        held = torch.empty(int(a.hold_gib * 2**30), dtype=torch.uint8, device="cuda")  # noqa: F841
+        print("HOLDING", flush=True)
+        time.sleep(3600)
+        return
+    if a.prepare:
+        prepare()
+        return
+    t0 = time.monotonic()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    # built in a child process: the parent never holds GPU memory (its allocator's cache would shrink every plan)
+    subprocess.run([sys.executable, "-m", "bench.throughput", "--prepare"], check=True, env=env)
+    card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip()
+    order = a.order.split(",") if a.order else [s for _ in range(a.runs) for s in a.settings.split(",")]
     results: dict[str, list[dict]] = {}
-    for i in range(a.runs):
-        for setting in a.settings.split(","):
+    for i, setting in enumerate(order):
+        if a.budget_s and time.monotonic() - t0 > a.budget_s:
+            print(f"budget: skipping {order[i:]}", flush=True)
+            break
+        holder = None
+        if "@hold" in setting:
+            holder = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--hold-gib",
+                                       setting.split("@hold")[1]], stdout=subprocess.PIPE, text=True, env=env)
+            holder.stdout.readline()  # HOLDING: the memory is taken before the setting plans its batch
+        try:
             proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", setting], capture_output=True,
-                                  text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get(
-                                      "CUDA_VISIBLE_DEVICES", "0")})
-            Path(a.out, f"bench-{setting}-{i}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            r = json.loads(line[7:]) if line else {"setting": setting, "error": proc.stderr.strip()[-400:]}
-            print(json.dumps(r), flush=True)
-            results.setdefault(setting, []).append(r)
+                                  text=True, env=env)
+        finally:
+            if holder:
+                holder.kill()
+                holder.wait()
+        with open(Path(a.out, "bench-logs.txt"), "a") as f:  # one file: few files come back from the GPU machine
+            f.write(f"===== {setting} (#{i})\n{proc.stdout[-20000:]}{proc.stderr[-20000:]}\n")
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        r = json.loads(line[7:]) if line else {"setting": setting, "error": proc.stderr.strip()[-400:]}
+        print(json.dumps(r), flush=True)
+        results.setdefault(setting, []).append(r)
     Path(a.out, "bench.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
     n_params = 7.24e9
     med = {s: statistics.median(r["tok_s"] for r in rs if "tok_s" in r) for s, rs in results.items()
            if any("tok_s" in r for r in rs)}
     base = med.get("notebook")
     print(f"\n{card}, effective batch {EFFECTIVE_BATCH}, {TIMED_STEPS} timed optimizer steps after {WARM_STEPS} warm-up")
-    print(f"{'setting':<10}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'x notebook':>12}{'MFU':>7}")
+    print(f"{'setting':<16}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'x notebook':>12}{'MFU':>7}")
     for s, rs in results.items():
         ok = [r for r in rs if "tok_s" in r]
         if not ok:
@@ -170,7 +220,10 @@ def main() -> None:
         runs = " / ".join(str(r["tok_s"]) for r in ok)
         ratio = f"{med[s] / base:.2f}" if base else "-"
         mfu = med[s] * 4 * n_params / (PEAK_TFLOPS * 1e12)
-        print(f"{s:<10}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{ratio:>12}{mfu:>7.1%}")
+        plan = ok[0].get("settings", {}).get("batch_plan", {})
+        mb = f"{plan.get('per_device_batch_size', ok[0].get('settings', {}).get('per_device_batch_size'))}"
+        print(f"{s:<16}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{ratio:>12}{mfu:>7.1%}"
+              f"  mb {mb} {ok[0].get('dynamo', '')}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ from sft_pipeline.store import fsync_tree
 
 log = logging.getLogger("sft_pipeline.train")
 # activation bytes per (token x hidden unit x layer) for a QLoRA step without checkpointing, measured on an H100
-# (Mistral-7B architecture, 2048 tokens, SDPA: 12.5 GiB for one sequence); with checkpointing only layer inputs stay
+# (Mistral-7B architecture, 2048 tokens, SDPA: 12.5 GiB for one sequence); with checkpointing only layer inputs stay.
+# Only the first guess now: on CUDA the plan measures a real step (measure_step_memory) and decides from that.
 ACT_BYTES, ACT_BYTES_CKPT = 52, 6
+MICRO_CAP = 8  # not measured above 4: on an 80 GB H100, 8 rows of 2048 need ~75 GiB (8.8 GiB a row), over the margin
+MARGIN = 0.10  # of the memory there is, kept free: allocator fragmentation from packed rows of varying length
+MARGIN_MIN = 2 * 2**30
 
 
 def plan_batch(training: TrainingConfig, model_config, max_length: int, free_bytes: int | None) -> dict:
@@ -44,6 +48,41 @@ def plan_batch(training: TrainingConfig, model_config, max_length: int, free_byt
     return {"per_device_batch_size": micro, "gradient_checkpointing": ckpt,
             "gradient_accumulation_steps": effective // micro, "effective_batch": effective, "auto": True,
             "free_gib": round(free_bytes / 2**30, 1)}
+
+
+def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layers: int,
+                 ckpt_ratio: float = ACT_BYTES_CKPT / ACT_BYTES, cap: int = MICRO_CAP) -> dict:
+    """The fastest micro-batch that fits, from measured bytes; degrades gradually when none fits.
+
+    ``available``: bytes this process may use in all (free on the card + what its allocator holds unused + what
+    it has allocated); ``fixed``: bytes that do not grow with the micro-batch (weights, adapter, optimizer, and a
+    step's share that does not scale); ``per_seq``: what one more packed row of max length adds at the peak.
+    Order: the largest micro-batch (a divisor of ``effective``, at most ``cap``) without checkpointing; else
+    micro-batch 1 with the fewest decoder layers checkpointed (each one keeps ``ckpt_ratio`` of its activations);
+    else every layer checkpointed (the out-of-memory fallback still stands behind that).
+    """
+    usable = available - max(MARGIN * available, MARGIN_MIN)
+    plan = {"effective_batch": effective, "auto": True, "available_gib": round(available / 2**30, 1),
+            "need_gib": None, "checkpointed_layers": 0}
+    for micro in sorted((d for d in range(1, min(effective, cap) + 1) if effective % d == 0), reverse=True):
+        need = fixed + micro * per_seq
+        if need <= usable:
+            return {**plan, "per_device_batch_size": micro, "gradient_accumulation_steps": effective // micro,
+                    "gradient_checkpointing": False, "need_gib": round(need / 2**30, 1)}
+    per_layer_saved = per_seq / layers * (1 - ckpt_ratio)
+    for ckpt in range(1, layers + 1):
+        need = fixed + per_seq - ckpt * per_layer_saved
+        if need <= usable:
+            break
+    return {**plan, "per_device_batch_size": 1, "gradient_accumulation_steps": effective,
+            "gradient_checkpointing": True, "checkpointed_layers": ckpt, "need_gib": round(need / 2**30, 1)}
+
+
+# The speed levers (BENCHMARKS.md says what each gave alone on an H100). plan: "measure" (a real step's peak
+# memory decides the micro-batch) or "estimate" (a constant per token, the earlier plan); head: the LM head and
+# loss (see _fast_loss; auto: liger with Liger kernels, else lean); compile: regional torch.compile of the decoder
+# layers; cap: the largest micro-batch the measured plan may pick.
+SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP}
 
 
 def _liger(training: TrainingConfig, device: str) -> bool:
@@ -141,6 +180,162 @@ def _resumable(trainer_cls):
     return Resumable
 
 
+def _fast_loss(trainer_cls, head: str):
+    """The trainer, with the LM head and loss ``head`` asks for.
+
+    trl 1.16 scores every micro-batch with a chunked LM head that also computes each token's entropy and whether
+    it is the top-1 guess, and reads both back to the host (two device syncs per micro-batch) for its metrics.
+    ``trl``: as trl does. ``lean``: trl's chunked head computing the log-probabilities alone, no syncs.
+    ``liger``: Liger's fused linear cross-entropy (never forms the logits; its gradient is computed in the forward).
+    The loss is the same sum over labelled tokens divided by the tokens of the whole effective batch.
+    """
+    if head == "trl":
+        return trainer_cls
+
+    class FastLoss(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            if not model.training:  # evaluation wants trl's outputs (and metrics); it is not the hot path
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            rest = {k: v for k, v in inputs.items() if k != "labels"}
+            n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            n = torch.as_tensor(n, device=labels.device).clamp(min=1)
+            if head == "liger":
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+                base = self.accelerator.unwrap_model(model).get_base_model()
+                hidden = base.model(**rest, use_cache=False).last_hidden_state[:, :-1]
+                flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+                loss = flce(base.lm_head.weight, hidden.reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)) / n
+            else:
+                out = model(**inputs, use_cache=False, fused_lm_head=True)
+                loss = -out.log_probs.sum() / n
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if self.model.training and "position_ids" in inputs:  # trl's num_tokens metric, no device sync
+                self._total_train_tokens += inputs["position_ids"].size(1)
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return (loss, None) if return_outputs else loss
+
+    if head == "lean":
+        FastLoss.__init__ = _lean_init(trainer_cls)
+    return FastLoss
+
+
+def _lean_init(trainer_cls):
+    def __init__(self, *args, **kwargs):
+        from trl.trainer.utils import add_fused_lm_head
+
+        trainer_cls.__init__(self, *args, **kwargs)
+        # trl patched the base model's forward to compute entropy and top-1 too; patch it again for log-probs alone
+        # (the fused path never calls the forward it wraps, so the two patches do not stack)
+        add_fused_lm_head(self.model.get_base_model(), outputs=("log_probs",))
+
+    return __init__
+
+
+def measure_step_memory(trainer, micro: int, max_length: int) -> int:
+    """Peak bytes one forward and backward of ``micro`` packed rows of ``max_length`` tokens adds (CUDA).
+
+    The trainer's own loss path on a worst-case packed batch (every row full), so what the batch plan decides from
+    is this model, this attention and this head as they are, not a constant from another setting.
+    """
+    import torch
+
+    model = trainer.model
+    ids = torch.randint(3, model.config.vocab_size, (1, micro * max_length), device="cuda")
+    pos = torch.arange(max_length, device="cuda").repeat(micro)[None]
+    labels = ids.masked_fill(pos == 0, -100)
+    model.train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        loss = trainer.compute_loss(model, {"input_ids": ids, "position_ids": pos, "labels": labels})
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    finally:
+        loss = None
+        model.zero_grad(set_to_none=True)
+        # the probe's tokens and metrics are not training's
+        trainer._total_train_tokens = 0
+        for mode in getattr(trainer, "_metrics", {}).values():
+            mode.clear()
+
+
+def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: int, cap: int = MICRO_CAP) -> dict:
+    """The batch plan from two measured steps (1 and 2 packed rows): the fastest micro-batch that fits (CUDA)."""
+    import torch
+
+    effective = training.per_device_batch_size * training.gradient_accumulation_steps
+    probes = {}
+    for micro in (1, 2):
+        try:
+            probes[micro] = measure_step_memory(trainer, micro, max_length)
+        except Exception as exc:  # noqa: BLE001 - only out of memory is handled; it decides the plan
+            if not is_oom(exc):
+                raise
+            torch.cuda.empty_cache()
+            break
+    if 2 in probes:
+        per_seq = probes[2] - probes[1]
+        step_fixed = max(probes[1] - per_seq, 0)
+    else:  # not even one row, or not two, without checkpointing: one row's share, or the old estimate
+        per_seq = probes.get(1) or trainer.model.config.hidden_size * layers * max_length * ACT_BYTES
+        step_fixed = 0
+    trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    fixed = torch.cuda.memory_allocated() + step_fixed + 2 * trainable  # + the optimizer's two moments
+    free, _ = torch.cuda.mem_get_info()
+    available = free + torch.cuda.memory_reserved()  # what this process's allocator holds is its own to use
+    plan = choose_batch(effective, available, fixed, per_seq, layers, cap=cap)
+    plan["measured_gib"] = {m: round(b / 2**30, 2) for m, b in probes.items()}
+    plan["per_seq_gib"], plan["fixed_gib"] = round(per_seq / 2**30, 2), round(fixed / 2**30, 2)
+    return plan
+
+
+def _apply_plan(trainer, plan: dict) -> None:
+    """Set a plan on a built trainer (before ``train``: the data loader and checkpointing are set up there)."""
+    a = trainer.args
+    a.per_device_train_batch_size = a.per_device_eval_batch_size = plan["per_device_batch_size"]
+    trainer._train_batch_size = a.train_batch_size
+    a.gradient_accumulation_steps = plan["gradient_accumulation_steps"]
+    kwargs = {"use_reentrant": False} if plan["gradient_checkpointing"] else None
+    for name in ("gradient_checkpointing", "activation_checkpointing"):  # transformers 5.17 / 5.24 names
+        if hasattr(a, name):
+            setattr(a, name, plan["gradient_checkpointing"])
+            setattr(a, f"{name}_kwargs", kwargs)
+
+
+def _decoder_layers(trainer):
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    return base.model.layers
+
+
+def _selective_checkpointing(layers, checkpointed: int):
+    """Checkpoint only the first ``checkpointed`` decoder layers (Trainer turns it on for all at train start)."""
+    from transformers import TrainerCallback
+
+    class Selective(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            for i, layer in enumerate(layers):
+                if hasattr(layer, "gradient_checkpointing"):
+                    layer.gradient_checkpointing = i < checkpointed
+
+    return Selective()
+
+
+def _compile_layers(layers) -> None:
+    """Regional torch.compile: each decoder layer alone (one graph reused by all 32), shapes dynamic (packing)."""
+    import torch
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 SEALED = "sft-pipeline-complete"  # written into a checkpoint once all its files are on disk
 
 
@@ -195,10 +390,11 @@ def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: s
 def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, quantization: QuantizationConfig,
                   lora: LoraSection, training: TrainingConfig, max_length: int, output_dir: str, device: str,
                   token: str | None = None, report_to: str = "none", run_name: str | None = None,
-                  extra_callbacks: list | None = None, batch: dict | None = None):
+                  extra_callbacks: list | None = None, batch: dict | None = None, speed: dict | None = None):
     """The SFTTrainer this stage runs, with its speed settings. Returns (trainer, metrics dict filled by training).
 
-    ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's.
+    ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's. ``speed`` replaces
+    entries of ``SPEED`` (the levers measured in BENCHMARKS.md; the benchmark turns them one by one).
     """
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -206,11 +402,20 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
 
     from sft_pipeline.models import load_model
 
+    speed = {**SPEED, **(speed or {})}
+    if device == "cuda":
+        # fewer, growable segments: packed micro-batches change length every step and fragment fixed-size ones
+        # (read when CUDA starts; a process that started it earlier keeps its own setting)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     m = load_model(model_path, model, quantization, device, token, training=True)
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
     m.config.use_cache = False
+    measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure"
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
     plan = plan_batch(training, m.config, max_length, free)
+    if measure:  # a provisional plan until a step of this very trainer is measured below
+        plan = {**plan, "per_device_batch_size": 1, "gradient_accumulation_steps": plan["effective_batch"],
+                "gradient_checkpointing": False}
     if batch:
         plan.update(batch)
     if quantization.load_in_4bit and device == "cpu":
@@ -220,6 +425,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     bf16 = device == "cuda" and m.dtype == torch.bfloat16
     optim = "adamw_torch_fused" if device == "cuda" and training.optim == "adamw_torch" else training.optim
     liger = _liger(training, device)
+    head = speed["head"] if speed["head"] != "auto" else ("liger" if liger else "lean") if device == "cuda" else "trl"
     args = SFTConfig(
         output_dir=output_dir, max_length=max_length, packing=training.packing,
         num_train_epochs=training.epochs, max_steps=training.max_steps,
@@ -241,17 +447,35 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                              target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
                              task_type="CAUSAL_LM")
-    epochs_tokens = int(sum(min(n, max_length) for n in map(len, train_ds["input_ids"])) * training.epochs)
+    lengths = [min(n, max_length) for n in map(len, train_ds["input_ids"])]
+    epochs_tokens = int(sum(lengths) * training.epochs)  # what the estimate covers: the run, not only an epoch
+    if training.max_steps > 0 and lengths:
+        epochs_tokens = min(epochs_tokens, int(training.max_steps * plan["effective_batch"] * sum(lengths) / len(lengths)))
     metrics: dict = {"batch_plan": plan, "liger": liger, "optim": optim, "device": device,
-                     "attn_implementation": m.config._attn_implementation}
-    trainer = _resumable(SFTTrainer)(model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                                     peft_config=peft_config,
-                                     callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
+                     "attn_implementation": m.config._attn_implementation, "head": head,
+                     "compile": bool(speed["compile"])}
+    trainer = _fast_loss(_resumable(SFTTrainer), head)(
+        model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+        peft_config=peft_config, callbacks=_callbacks(training, metrics, epochs_tokens) + list(extra_callbacks or []))
+    layers = _decoder_layers(trainer)
+    if liger:  # Trainer applies these at train start; now already, so that the memory probe runs the same kernels
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **args.liger_kernel_config)
+    if speed["compile"]:
+        _compile_layers(layers)
+    if measure:
+        plan = measured_plan(trainer, training, max_length, len(layers), speed["cap"])
+        _apply_plan(trainer, plan)
+        metrics["batch_plan"] = plan
+    if plan.get("checkpointed_layers"):
+        trainer.add_callback(_selective_checkpointing(layers, plan["checkpointed_layers"]))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw per-step dicts on stdout; sft_pipeline.progress logs one line
     log.info("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
-                                                                               "attn_implementation")}))
+                                                                               "attn_implementation", "head",
+                                                                               "compile")}))
     return trainer, metrics
 
 

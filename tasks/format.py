@@ -11,6 +11,7 @@ import json
 
 from sft_pipeline.errors import StageFailure
 from sft_pipeline.stage import StageContext
+from sft_pipeline.tokenizing import encode_chats
 
 VERSION = "2"
 
@@ -22,27 +23,6 @@ def _stats(lengths: list[int], truncated: int) -> dict:
     return {"rows": len(lengths), "tokens": int(a.sum()), "mean": round(float(a.mean()), 1),
             "p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)), "max": int(a.max()),
             "truncated": truncated}
-
-
-def _encode(ds, tok, fmt, split: str):
-    """Token ids (and assistant masks for assistant-only loss) of every conversation, plus its untruncated length."""
-
-    def encode(batch):
-        convs = []
-        for messages in batch["messages"]:
-            messages = list(messages)
-            if fmt.system_message is not None and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": fmt.system_message}] + messages
-            convs.append(messages)
-        out = tok.apply_chat_template(convs, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=fmt.assistant_only_loss)
-        rows = {"input_ids": [list(ids)[: fmt.max_length] for ids in out["input_ids"]],
-                "length": [len(ids) for ids in out["input_ids"]]}
-        if fmt.assistant_only_loss:
-            rows["assistant_masks"] = [list(m)[: fmt.max_length] for m in out["assistant_masks"]]
-        return rows
-
-    return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, desc=f"tokenize {split}")
 
 
 def run(ctx: StageContext) -> dict:
@@ -60,7 +40,8 @@ def run(ctx: StageContext) -> dict:
     stats = {}
     for split in (data.train_split, data.test_split):
         ds = datasets.Dataset.from_parquet(str(ctx.upstream["data"].file(f"{split}.parquet")))
-        enc = _encode(ds, tok, fmt, split)
+        enc = encode_chats(ds, tok, system_message=fmt.system_message, max_length=fmt.max_length,
+                           assistant_only_loss=fmt.assistant_only_loss)
         lengths = enc["length"]
         if fmt.assistant_only_loss and not any(any(m) for m in enc["assistant_masks"][:50]):
             raise StageFailure("format.assistant_only_loss needs a chat template with {% generation %} marks "

@@ -1,0 +1,67 @@
+"""The measured batch plan's decision, and the lean LM head's loss against trl's, on CPU."""
+from __future__ import annotations
+
+import pytest
+
+from sft_pipeline.trainer import MARGIN_MIN, choose_batch
+
+GIB = 2**30
+
+
+def test_largest_micro_batch_that_fits_without_checkpointing():
+    # an 80 GiB card alone: 4 rows need 5 + 4 x 9 = 41 GiB, 8 rows 77 GiB > 90 % of 79: micro 4 x accumulation 4
+    plan = choose_batch(16, 79 * GIB, 5 * GIB, 9 * GIB, 32)
+    assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (4, 4)
+    assert plan["gradient_checkpointing"] is False and plan["checkpointed_layers"] == 0
+
+
+def test_another_process_holding_30_gib_keeps_the_same_plan():
+    # the issue's case: 49 GiB left to us; the old per-token estimate picked micro-batch 2 here
+    assert choose_batch(16, 49 * GIB, 5 * GIB, 9 * GIB, 32)["per_device_batch_size"] == 4
+
+
+def test_degrades_to_smaller_micro_batches_then_selective_checkpointing():
+    micro = [choose_batch(16, a * GIB, 5 * GIB, 9 * GIB, 32)["per_device_batch_size"] for a in (79, 40, 27, 18)]
+    assert micro == [4, 2, 2, 1]
+    some = choose_batch(16, 15 * GIB, 5 * GIB, 9 * GIB, 32)  # 1 row needs 14 GiB, usable 13 GiB
+    assert some["per_device_batch_size"] == 1 and some["gradient_checkpointing"]
+    assert 0 < some["checkpointed_layers"] < 32
+    fewer = choose_batch(16, 14 * GIB, 5 * GIB, 9 * GIB, 32)["checkpointed_layers"]
+    assert fewer > some["checkpointed_layers"]  # less memory, more layers checkpointed
+    assert choose_batch(16, 6 * GIB, 5 * GIB, 9 * GIB, 32)["checkpointed_layers"] == 32  # nothing fits: all
+
+
+def test_micro_batch_divides_the_effective_batch_and_respects_the_cap():
+    assert choose_batch(12, 200 * GIB, GIB, GIB, 32)["per_device_batch_size"] == 6  # 8 does not divide 12
+    assert choose_batch(16, 200 * GIB, GIB, GIB, 32, cap=4)["per_device_batch_size"] == 4
+    # the margin: at least 2 GiB even on a small card (5 GiB there, 1 GiB fixed: a row may need 2 GiB, no more)
+    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB, 32)["gradient_checkpointing"] is False
+    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB + 1, 32)["gradient_checkpointing"] is True
+
+
+def test_lean_head_gives_trls_loss(tmp_path):
+    """The lean head (log-probs only, no metric syncs) trains on the same loss as trl's chunked head; ~15 s here."""
+    import datasets
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft_pipeline.config import load_config
+    from sft_pipeline.models import build_tokenizer
+    from sft_pipeline.trainer import build_trainer
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    ds = datasets.Dataset.from_dict({"input_ids": [list(range(5, 5 + n)) for n in (7, 13, 5, 9)]})
+    cfg = load_config("tiny", ["training.packing=true", "training.max_steps=1", "quantization.load_in_4bit=false"])
+    losses = {}
+    for head in ("trl", "lean"):
+        trainer, metrics = build_trainer(ds, None, build_tokenizer(), str(tmp_path / "m"), cfg.model,
+                                         cfg.quantization, cfg.lora, cfg.training, 64, str(tmp_path / head), "cpu",
+                                         speed={"head": head})
+        assert metrics["head"] == head
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        losses[head] = trainer.compute_loss(trainer.model, batch, num_items_in_batch=30).item()
+    assert losses["lean"] == pytest.approx(losses["trl"], rel=1e-5)
