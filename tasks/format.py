@@ -54,7 +54,7 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
                 out = tok.apply_chat_template(convs, tokenize=True, return_dict=True,
                                               return_assistant_tokens_mask=fmt.assistant_only_loss)
                 rows = {"input_ids": [list(ids)[: fmt.max_length] for ids in out["input_ids"]],
-                        "length": [len(ids) for ids in out["input_ids"]]}
+                        "length": [len(ids) for ids in out["input_ids"]], "messages": convs}
                 if fmt.assistant_only_loss:
                     rows["assistant_masks"] = [list(m)[: fmt.max_length] for m in out["assistant_masks"]]
                 return rows
@@ -66,7 +66,9 @@ def format_chats(store: str, data: ArtifactRef, splits: list[str], model: ModelC
                 raise StageFailure("format.assistant_only_loss needs a chat template with {% generation %} marks "
                                    "(use format.chat_template=zephyr)")
             stats[split] = _stats(lengths, sum(1 for n in lengths if n > fmt.max_length))
-            enc.remove_columns(["length"]).to_parquet(str(tmp / f"{split}.parquet"))
+            # the conversations as tokenized (system message included): the evaluate stage's generation prompts
+            enc.select_columns(["messages"]).to_parquet(str(tmp / f"{split}.messages.parquet"))
+            enc.remove_columns(["length", "messages"]).to_parquet(str(tmp / f"{split}.parquet"))
         tok.save_pretrained(tmp / "tokenizer")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     return st.ref("format", current_key())
