@@ -190,7 +190,7 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
     st = Store(store or default_store())
     preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
-    record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg), {}
+    record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
     for stage in STAGES:  # authenticate → data → format → train → evaluate → save_adapter → generate
         refs[stage.name] = record.run(stage, facts, refs)
 

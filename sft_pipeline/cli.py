@@ -72,6 +72,9 @@ def _print_summary(summary: dict) -> None:
         ev = summary["eval"]
         print(f"\neval loss: base {ev['base']['eval_loss']:.4f} -> tuned {ev['tuned']['eval_loss']:.4f} "
               f"(perplexity {ev['base']['perplexity']:.1f} -> {ev['tuned']['perplexity']:.2f})")
+        if gen := ev.get("generation"):
+            print(f"held-out answers correct: base {gen['base']['match']:.0%} -> tuned {gen['tuned']['match']:.0%} "
+                  f"({gen['samples']} prompts); replies ending their turn: {gen['tuned']['ends_turn']:.0%}")
     for fb in summary.get("train", {}).get("oom_fallbacks", []):
         print(f"training ran out of memory at step {fb['at_step']}: micro-batch {fb['from']['per_device_batch_size']}"
               f" x accumulation {fb['from']['gradient_accumulation_steps']} -> {fb['to']['per_device_batch_size']} x "

@@ -45,8 +45,9 @@ class AuthConfig(Section):
 
 
 class ModelConfig(Section):
-    source: Literal["hub", "local", "build"] = "hub"
-    name: str = Field("mistralai/Mistral-7B-v0.1", description="hub id, local directory, or architecture to build")
+    source: Literal["hub", "local", "build", "gguf"] = "hub"
+    name: str = Field("mistralai/Mistral-7B-v0.1", description="hub id, local directory, architecture to build, or "
+                      "GGUF file (a path, or package:<package>/<file> inside an installed package)")
     revision: str = "main"
     requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
     attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
@@ -61,6 +62,9 @@ class ModelConfig(Section):
             if self.name not in ARCHITECTURES:
                 raise ValueError(f"model.name must be one of {sorted(ARCHITECTURES)} when model.source=build, "
                                  f"got {self.name!r}")
+        if self.source == "gguf" and self.name.startswith("package:") and not re.fullmatch(
+                r"package:[A-Za-z_][A-Za-z0-9_]*/[^/].*", self.name):
+            raise ValueError(f"model.name must look like package:<package>/<file.gguf>, got {self.name!r}")
         return self
 
 
@@ -97,7 +101,8 @@ class DataConfig(Section):
 
 
 class FormatConfig(Section):
-    chat_template: Literal["auto", "zephyr"] = Field("auto", description="auto: the tokenizer's own, else Zephyr")
+    chat_template: Literal["auto", "zephyr", "chatml"] = Field(
+        "auto", description="auto: the tokenizer's own, else Zephyr; chatml: ChatML with assistant-only loss marks")
     system_message: str | None = Field("", description="inserted where a conversation has none; null: never")
     max_length: int = Field(2048, ge=16)
     assistant_only_loss: bool = False
@@ -154,6 +159,9 @@ class TrainingConfig(Section):
 class EvaluationConfig(Section):
     batch_size: int = Field(4, ge=1)
     max_samples: int | None = Field(None, ge=1, description="cap on test rows evaluated (None: all)")
+    generation_samples: int = Field(16, ge=0, description="first N test conversations answered greedily by base "
+                                    "and tuned, scored against the reference reply (0: off)")
+    generation_max_new_tokens: int = Field(48, ge=1, description="a reply not ended by then counts as not ending")
 
 
 DEFAULT_PROMPTS = [

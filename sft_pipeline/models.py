@@ -38,10 +38,25 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+# ChatML (SmolLM2, Qwen, ...) with {% generation %} marks: the assistant's content and its <|im_end|> are the trained
+# tokens (the model must learn to end its turn); the newline after <|im_end|> and every header are not.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def model_fingerprint(model_cfg) -> str:
+def model_fingerprint(model_cfg, store: Store | None = None) -> str:
     """Identify the base model without loading it (cheap: used in cache keys)."""
+    if model_cfg.source == "gguf":  # the file's sha256, remembered in the store when one is given
+        from sft_pipeline import gguf
+
+        return gguf.fingerprint(model_cfg, store)
     if model_cfg.source == "hub":
         return digest({"hub": model_cfg.name, "revision": model_cfg.revision})
     if model_cfg.source == "local":
@@ -60,6 +75,10 @@ def base_model_path(model_cfg, store: Store) -> str:
         return model_cfg.name
     if model_cfg.source == "local":
         return str(Path(model_cfg.name).expanduser().resolve())
+    if model_cfg.source == "gguf":  # dequantized once into <store>/models/<fingerprint>/
+        from sft_pipeline import gguf
+
+        return gguf.model_dir(model_cfg, store)
     key = model_fingerprint(model_cfg)
     ref = store.ref("models", key)
     if ref is None:
@@ -126,7 +145,11 @@ def load_tokenizer(path: str, model_cfg, chat_template: str = "auto", token: str
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, **hub_kwargs(model_cfg, token))
-    if chat_template == "zephyr" or not getattr(tok, "chat_template", None):
+    if chat_template == "chatml":
+        if tok.convert_tokens_to_ids("<|im_end|>") in (None, tok.unk_token_id):
+            raise ModelSourceError("format.chat_template=chatml needs a tokenizer with the <|im_end|> token")
+        tok.chat_template = CHATML_TEMPLATE
+    elif chat_template == "zephyr" or not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token

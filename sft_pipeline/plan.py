@@ -93,7 +93,7 @@ def _why_new(store: Store, stage: str, parts: dict) -> str:
 
 def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
     """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``."""
-    facts, history = Facts(cfg, blocks=bool(os.environ.get("PREFECT_API_URL"))), _run_history(store)
+    facts, history = Facts(cfg, blocks=bool(os.environ.get("PREFECT_API_URL")), store=store), _run_history(store)
     refs: dict[str, ArtifactRef | None] = {}  # None: this run would make a new artifact, its fingerprint unknown
     redo: set[str] = set()  # stages that would re-run an earlier key: expected to reproduce its output
     steps: list[dict] = []
@@ -137,7 +137,7 @@ H100_7B_TOKENS_PER_SECOND = 13_000
 
 def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     """tok/s of the newest train artifact in this store with the same base model and device."""
-    facts = Facts(cfg, blocks=False)
+    facts = Facts(cfg, blocks=False, store=store)
     found = []
     for manifest in (store.root / "train").glob(f"*/{MANIFEST}"):
         try:

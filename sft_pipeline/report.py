@@ -110,6 +110,11 @@ def _eval_section(ev: dict) -> list[str]:
         delta = tuned["eval_loss"] - base["eval_loss"]
         lines += ["", f"Tuned minus base eval loss: {delta:+.4f} ({'better' if delta < 0 else 'worse'}; lower is "
                       f"better)."]
+    if gen := ev.get("generation"):
+        b, t = gen.get("base", {}), gen.get("tuned", {})
+        lines += ["", f"Answers to {gen.get('samples')} held-out prompts (greedy): correct {b.get('match', 0):.0%} "
+                      f"before, {t.get('match', 0):.0%} after; replies that end their turn {b.get('ends_turn', 0):.0%} "
+                      f"before, {t.get('ends_turn', 0):.0%} after."]
     return lines
 
 

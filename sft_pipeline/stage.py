@@ -56,14 +56,15 @@ class Stage:
 class Facts:
     """The keyed facts of one run, each looked up at most once (a local data set is hashed once per run)."""
 
-    def __init__(self, cfg, blocks: bool = True):
+    def __init__(self, cfg, blocks: bool = True, store: Store | None = None):
         self.cfg, self.blocks = cfg, blocks  # blocks=False: env variables only (no Prefect API to ask)
+        self.store = store  # where a big file's hash is remembered (a GGUF base)
 
     @cached_property
     def model(self) -> str:
         from sft_pipeline.models import model_fingerprint
 
-        return model_fingerprint(self.cfg.model)
+        return model_fingerprint(self.cfg.model, self.store)
 
     @cached_property
     def data(self) -> str:

@@ -9,7 +9,7 @@ import math
 
 from sft_pipeline.stage import StageContext
 
-VERSION = "2"
+VERSION = "3"
 
 
 def run(ctx: StageContext) -> dict:
@@ -43,5 +43,10 @@ def run(ctx: StageContext) -> dict:
     metrics = {"split": test_split, "rows": len(ds),
                "base": {"eval_loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
                "tuned": {"eval_loss": tuned_loss, "perplexity": math.exp(min(tuned_loss, 50))}}
+    from sft_pipeline.answers import generation_metrics  # answers to held-out prompts, base vs tuned
+
+    metrics.update(generation_metrics(peft_model, tok, chats.file(f"{test_split}.messages.parquet"),
+                                      samples=evaluation.generation_samples,
+                                      max_new_tokens=evaluation.generation_max_new_tokens, device=ctx.device))
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

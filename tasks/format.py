@@ -13,7 +13,7 @@ from sft_pipeline.errors import StageFailure
 from sft_pipeline.stage import StageContext
 from sft_pipeline.tokenizing import encode_chats
 
-VERSION = "2"
+VERSION = "3"
 
 
 def _stats(lengths: list[int], truncated: int) -> dict:
@@ -23,6 +23,12 @@ def _stats(lengths: list[int], truncated: int) -> dict:
     return {"rows": len(lengths), "tokens": int(a.sum()), "mean": round(float(a.mean()), 1),
             "p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)), "max": int(a.max()),
             "truncated": truncated}
+
+
+def _with_system(messages: list[dict], system_message: str | None) -> list[dict]:
+    if system_message is not None and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_message}] + messages
+    return messages
 
 
 def run(ctx: StageContext) -> dict:
@@ -45,9 +51,12 @@ def run(ctx: StageContext) -> dict:
         lengths = enc["length"]
         if fmt.assistant_only_loss and not any(any(m) for m in enc["assistant_masks"][:50]):
             raise StageFailure("format.assistant_only_loss needs a chat template with {% generation %} marks "
-                               "(use format.chat_template=zephyr)")
+                               "(format.chat_template=zephyr or chatml)")
         stats[split] = _stats(lengths, sum(1 for n in lengths if n > fmt.max_length))
         enc.remove_columns(["length"]).to_parquet(str(ctx.out / f"{split}.parquet"))
+        # the conversations as tokenized (system message included): the evaluate stage's generation prompts
+        with_system = [_with_system(list(m), fmt.system_message) for m in ds["messages"]]
+        datasets.Dataset.from_dict({"messages": with_system}).to_parquet(str(ctx.out / f"{split}.messages.parquet"))
     tok.save_pretrained(ctx.out / "tokenizer")
     (ctx.out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

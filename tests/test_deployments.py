@@ -178,7 +178,7 @@ def test_deployment_has_the_typed_form_and_a_schedule(prefect):
     server, _ = prefect
     dep = server.deployment("sft-pipeline/tiny")
     props = dep["parameter_openapi_schema"]["properties"]
-    assert props["recipe"]["enum"] == ["mistral-7b-qlora", "tiny", "zephyr-7b-qlora"] and props["recipe"]["default"] == "tiny"
+    assert props["recipe"]["enum"] == ["mistral-7b-qlora", "smollm2-135m", "tiny", "zephyr-7b-qlora"] and props["recipe"]["default"] == "tiny"
     assert "name Prefect Secret blocks" in " ".join(props["overrides"]["description"].split())
     assert dep["parameters"] == {"recipe": "tiny", "overrides": {}} and dep["enforce_parameter_schema"]
     assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
