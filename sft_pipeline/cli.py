@@ -87,6 +87,38 @@ def _print_summary(summary: dict) -> None:
             print(f"data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
 
 
+def _server_in_own_group() -> None:
+    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group.
+
+    Ctrl-C signals the terminal's whole process group. In ours, the server got SIGINT too and stopped first; the
+    flow then spent ~74 s retrying to report the interrupt to a dead API and ended in ConnectError. In its own
+    group only this process sees Ctrl-C; ``_stop_prefect`` (or Prefect's atexit hook) still stops the server, and
+    PR_SET_PDEATHSIG stops it when this process is killed outright (it is started from the main thread, which
+    lives as long as the process).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import ctypes
+    import signal
+    import subprocess
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def detach():  # runs in the child between fork and exec
+        os.setpgrp()
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only
+        except Exception:  # noqa: BLE001 - elsewhere the atexit hook stops it; a SIGKILLed parent leaves it running
+            pass
+
+    popen = subprocess.Popen
+    with mock.patch.object(subprocess, "Popen", lambda *a, **kw: popen(*a, preexec_fn=detach, **kw)):
+        SubprocessASGIServer().start()
+
+
 def _stop_prefect() -> None:
     """Flush Prefect's log/event workers and stop its temporary server now (else at exit, after our last line)."""
     try:
@@ -125,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sft_pipeline import preflight
 
+    from sft_pipeline.store import check_paths
+
     try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
         preflight.check(load_config(args.recipe, args.overrides))
+        check_paths(args.store, getattr(args, "summary_json", None))  # a file, read-only, someone else's dir
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -139,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
+    _server_in_own_group()
     try:
         summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
+    except KeyboardInterrupt:  # Ctrl-C: the server, in its own group, is still up, so Prefect records it at once
+        _stop_prefect()
+        print("error: interrupted; run the same command again to resume (finished stages are reused, training "
+              "continues from its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
         print(f"error: {failure_message(e)}", file=sys.stderr)
