@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from sft_pipeline.caching import StageFailure, current_key, stage_task
-from sft_pipeline.chat_data import chat_problem, local_files, split_files
+from sft_pipeline.chat_data import chat_problem, local_files, read_local_splits, split_files
 from sft_pipeline.config import DataConfig, Subset
 from sft_pipeline.store import ArtifactRef, Store, digest, file_sha256
 
@@ -65,13 +65,7 @@ def _load(data: DataConfig, token: str | None):
         return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}), "synthetic"
     files = local_files(data)
     by_split = split_files(data, files)
-    fmt = data.format if data.format != "auto" else ("parquet" if files[0].endswith(".parquet") else "json")
-    try:
-        return datasets.load_dataset(fmt, data_files=by_split), data.dataset
-    except Exception as e:  # noqa: BLE001 - an unreadable file is bad input: say which, never retry
-        text = str(e).splitlines()[0][:300] if str(e) else ""
-        raise StageFailure(f"data.dataset: could not read the {fmt} files under {data.dataset} as a table "
-                           f"({type(e).__name__}: {text})") from None
+    return read_local_splits(data, by_split), data.dataset  # raw rows: one odd row never fails the whole file
 
 
 @stage_task("data", retries=2, ignore=("auth",))
