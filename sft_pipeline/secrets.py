@@ -45,3 +45,14 @@ def hf_token_for(auth_ref, model_cfg=None) -> str | None:
     from sft_pipeline.config import AuthConfig
 
     return hf_token(AuthConfig.model_validate(auth_ref.read_json("auth.json")["config"]))
+
+
+def wandb_mode(tracking_mode: str, key_source: str | None, env: dict | None = None) -> str:
+    """The W&B mode a run uses: ``tracking.mode`` when set; with ``auto`` the user's own ``WANDB_MODE`` wins
+    (``offline``/``disabled`` must never be overridden to online), else online with a key, offline without."""
+    if tracking_mode != "auto":
+        return tracking_mode
+    user = (os.environ if env is None else env).get("WANDB_MODE", "").strip().lower()
+    if user in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if user == "dryrun" else user
+    return "online" if key_source else "offline"
