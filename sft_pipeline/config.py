@@ -74,7 +74,8 @@ class AuthConfig(Section):
     @classmethod
     def _a_block_name(cls, value: str) -> str:
         """A Prefect block name: a token pasted here would otherwise reach artifacts, summaries and Prefect's DB."""
-        if not re.fullmatch(BLOCK_NAME_PATTERN, value) or len(value) > 100:
+        # a W&B key is 40 hex digits, which the pattern alone would take for a name
+        if not re.fullmatch(BLOCK_NAME_PATTERN, value) or len(value) > 100 or re.fullmatch(r"[0-9a-f]{32,}", value):
             raise ValueError("must be the name of a Prefect Secret block (lower case letters, digits and dashes, "
                              "e.g. hf-token), not a secret")
         return value
