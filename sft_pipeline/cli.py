@@ -85,6 +85,8 @@ def _print_summary(summary: dict) -> None:
         if st["invalid"]:
             reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
             print(f"data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
+    if summary.get("promotion", {}).get("diverged"):  # the last line: exit 0, but this adapter is not to be used
+        print(f"warning: training diverged ({summary['promotion']['diverged']}); the adapter was not promoted")
 
 
 def _server_in_own_group() -> None:
@@ -117,6 +119,38 @@ def _server_in_own_group() -> None:
     popen = subprocess.Popen
     with mock.patch.object(subprocess, "Popen", lambda *a, **kw: popen(*a, preexec_fn=detach, **kw)):
         SubprocessASGIServer().start()
+
+
+def _this_runs_summary(args) -> dict | None:
+    """The summary this process wrote (``--summary-json``, else ``<store>/runs/*-<pid>.json``), or None."""
+    from pathlib import Path
+
+    from sft_pipeline.store import default_store
+
+    paths = [Path(args.summary_json)] if args.summary_json else sorted(
+        (Path(args.store or default_store()).expanduser() / "runs").glob(f"*-{os.getpid()}.json"))
+    try:
+        return json.loads(paths[-1].read_text()) if paths and paths[-1].is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def outcome(exc: BaseException, summary: dict | None) -> tuple[int, str]:
+    """Exit code and last line for a run that raised ``exc``; the run summary, when it says Completed, wins.
+
+    A run whose stages all finished and whose summary was written Completed, but whose Prefect server went away
+    before the final state was recorded, exits 0 with a warning: the summary and the exit code agree.
+    """
+    from sft_pipeline.config import ConfigError
+    from sft_pipeline.errors import _CONNECTION, failure_message
+
+    lost_server = type(exc).__name__ in _CONNECTION or (
+        "prefect" in type(exc).__module__.lower() and "connect" in str(exc).lower())
+    if summary and summary.get("status") == "Completed" and lost_server:
+        return 0, (f"warning: the run completed (summary: Completed) but Prefect's server could not be reached "
+                   f"to record it ({type(exc).__name__}); its Prefect run may show as unfinished")
+    code = 2 if isinstance(exc, ConfigError) and not hasattr(exc, "sft_stage") else 1  # 2: before any stage
+    return code, f"error: {failure_message(exc)}"
 
 
 def _stop_prefect() -> None:
@@ -169,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return _plan(args)
     from flows.sft import sft
-    from sft_pipeline.errors import failure_message
 
     if args.command == "serve":
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
@@ -184,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
-        print(f"error: {failure_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) and not hasattr(e, "sft_stage") else 1)  # 2: before any stage
+        code, line = outcome(e, _this_runs_summary(args))
+        print(line, file=sys.stderr)
+        sys.exit(code)
     _stop_prefect()
     _print_summary(summary)
     return 0

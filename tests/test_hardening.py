@@ -504,3 +504,37 @@ def test_ctrl_c_stops_within_seconds_with_one_line_and_exit_130(tmp_path):
     assert last.startswith("error: interrupted; run the same command again to resume"), err[-3000:]
     assert "ConnectError" not in err
     assert not [p for p in (store / ".tmp").iterdir()] if (store / ".tmp").exists() else True
+
+
+# ------------------------------------------------------------------------------------------- 7. exit codes
+class ConnectError(Exception):
+    """Stands for httpx's: the Prefect server went away."""
+
+
+OUTCOMES = [
+    # (exception, summary status) -> exit code, start of the last line
+    (ConnectError("All connection attempts failed"), "Completed", 0, "warning: the run completed"),
+    (ConnectError("All connection attempts failed"), "Running", 1, "error: ConnectError"),
+    (ConnectError("All connection attempts failed"), None, 1, "error: ConnectError"),
+    (StageFailure("data: bad rows"), "Failed", 1, "error: data: bad rows"),
+    (StageFailure("data: bad rows"), "Completed", 1, "error: data: bad rows"),  # only a lost server is forgiven
+    (ConfigError("invalid config: x"), None, 2, "error: invalid config: x"),
+]
+
+
+@pytest.mark.parametrize("exc, status, code, line", OUTCOMES, ids=[f"{type(o[0]).__name__}-{o[1]}" for o in OUTCOMES])
+def test_exit_code_and_summary_agree(exc, status, code, line):
+    from sft_pipeline.cli import outcome
+
+    got_code, got_line = outcome(exc, {"status": status} if status else None)
+    assert (got_code, got_line.startswith(line)) == (code, True), got_line
+
+
+def test_a_diverged_run_ends_with_a_warning(capsys):
+    from sft_pipeline.cli import _print_summary
+
+    _print_summary({"stages": {}, "promotion": {"promoted": False, "reason": "training diverged (x)", "pointer": "p",
+                                                "diverged": "tuned eval loss 43.9000 is above the base model's 10.4"}})
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "warning: training diverged (tuned eval loss 43.9000 is above the base model's 10.4); the " \
+                   "adapter was not promoted"
