@@ -248,8 +248,16 @@ TMP_NAME = re.compile(r"(?P<stage>[A-Za-z0-9_]+)-(?P<key>[A-Za-z0-9_.-]+)-(?P<pi
 OLD_TMP_NAME = re.compile(r"old-[A-Za-z0-9_]+-[A-Za-z0-9_.-]+-[0-9a-f]{8}")
 STORE_MARKER = ".sft-pipeline-store"  # written into a store on first use; see Store.claim
 # what a store made before the marker existed can hold: such a directory is adopted (and marked)
-STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate", ".work", ".tmp",
-                ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
+STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate", "models", ".work",
+                ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
+
+
+def _stage_dir(p: Path) -> bool:
+    """A directory of finished artifacts (``<key>/manifest.json`` each): a stage this list does not know yet."""
+    if p.is_symlink() or not p.is_dir():
+        return False
+    children = list(p.iterdir())
+    return bool(children) and all(c.is_dir() and (c / MANIFEST).is_file() for c in children[:1000])
 
 
 def _writable(path: Path) -> bool:
@@ -263,7 +271,7 @@ def check_root(root: Path) -> str | None:
         return f"store {root} is not a directory; give a new or empty directory, or an existing store"
     if root.is_dir():
         if not (root / STORE_MARKER).is_file():
-            foreign = sorted(n for n in os.listdir(root) if n not in STORE_LAYOUT)
+            foreign = sorted(n for n in os.listdir(root) if n not in STORE_LAYOUT and not _stage_dir(root / n))
             if foreign:
                 return (f"store {root} is not empty and is not an sft-pipeline store (no {STORE_MARKER} file; "
                         f"it holds {len(foreign)} other entries): give a new or empty directory, e.g. "

@@ -231,10 +231,15 @@ def test_clean_tmp_removes_only_what_store_write_left(tmp_path):
 
 def test_a_store_from_before_the_marker_is_adopted(tmp_path):
     root = tmp_path / "old-store"
-    for d in ("data", ".tmp", "runs", ".prefect"):
+    for d in ("data", ".tmp", "runs", ".prefect", "models"):
         (root / d).mkdir(parents=True)
+    with Store(root).write("report", "k1") as tmp:  # a stage added later: known by its manifests
+        (tmp / "r.md").write_text("x")
     Store(root).clean_tmp()
     assert (root / STORE_MARKER).is_file()
+    (tmp_path / "other" / "stuff" / "k1").mkdir(parents=True)  # looks like a stage dir, but has no manifest
+    with pytest.raises(ConfigError, match="1 other entries"):
+        Store(tmp_path / "other").clean_tmp()
 
 
 # ------------------------------------------------------------------------------------------- 2. promotion
@@ -538,3 +543,14 @@ def test_a_diverged_run_ends_with_a_warning(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "warning: training diverged (tuned eval loss 43.9000 is above the base model's 10.4); the " \
                    "adapter was not promoted"
+
+
+@pytest.mark.parametrize("rows, fails", [(0, True), (7, True), (8, False), (500, False)])
+def test_a_split_left_tiny_by_a_fraction_is_one_line(rows, fails):
+    from sft_pipeline.chat_data import check_split_rows
+
+    if fails:
+        with pytest.raises(StageFailure, match=rf"data.test_subset: split 'test_sft' keeps {rows} rows .* at least 8"):
+            check_split_rows("test_sft", "test_subset", rows, 8)
+    else:
+        check_split_rows("test_sft", "test_subset", rows, 8)
