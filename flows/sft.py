@@ -31,7 +31,7 @@ from sft_pipeline.config import OverrideValue, PipelineConfig, RecipeName, load_
 from sft_pipeline.errors import ConfigError, StageError, StageFailure, failure_message, is_transient
 from sft_pipeline.models import describe
 from sft_pipeline.stage import Facts, Stage, execute
-from sft_pipeline.store import ArtifactRef, Store, default_store, write_json_atomic
+from sft_pipeline.store import ArtifactRef, Store, check_paths, default_store, write_json_atomic
 
 RETRY_DELAYS = [10, 60, 300]  # seconds before retry 1, 2, 3 of a transient failure
 
@@ -83,8 +83,13 @@ class RunRecord:
         t0 = time.perf_counter()
         task_ = run_stage.with_options(name=stage.name, retries=stage.retries,
                                        retry_delay_seconds=RETRY_DELAYS[: max(stage.retries, 1)])
-        state = task_(stage, self.cfg, str(self.store.root), {n: refs[n] for n in stage.needs}, facts, self.attempts,
-                      return_state=True)
+        try:
+            state = task_(stage, self.cfg, str(self.store.root), {n: refs[n] for n in stage.needs}, facts,
+                          self.attempts, return_state=True)
+        except KeyboardInterrupt:  # Ctrl-C: the summary says where it stopped; the same command resumes there
+            self.stages[stage.name] = {"state": "Interrupted", "seconds": round(time.perf_counter() - t0, 2)}
+            self.write(status="Interrupted")
+            raise
         record = self.stages[stage.name] = {"state": state.name, "seconds": round(time.perf_counter() - t0, 2)}
         if stage.name in self.attempts.count:
             record["attempts"] = self.attempts.count[stage.name]
@@ -188,6 +193,7 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
     """
     cfg = load_config(recipe_file or recipe, overrides or {})
     st = Store(store or default_store())
+    check_paths(str(st.root), summary_json)  # a file, read-only, or someone else's non-empty directory: refused
     preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
@@ -198,7 +204,8 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
     eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")
     checked = health.check(_history(refs), eval_metrics)
     promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=refs["format"],
-                                 test_split=cfg.data.test_split, flow_run=flow_run.get_id())
+                                 test_split=cfg.data.test_split, flow_run=flow_run.get_id(),
+                                 margin=cfg.evaluation.promotion_margin, tuned=refs["train"])
     summary = record.write(status="Completed", eval=eval_metrics, adapter=adapter.path,
                            samples=refs["generate"].file("samples.json").as_posix(), train=train_metrics,
                            promotion=promotion, health=checked,

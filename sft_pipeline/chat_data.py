@@ -6,10 +6,11 @@ a system message only first, then user and assistant alternating, starting with 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sft_pipeline.config import DataConfig
-from sft_pipeline.errors import ConfigError
+from sft_pipeline.errors import ConfigError, StageFailure
 from sft_pipeline.store import digest, file_sha256
 
 SCHEMA_VERSION = "1"  # bump when chat_problem accepts or rejects other rows: it is part of the data stage's key
@@ -100,3 +101,91 @@ def source_fingerprint(data: DataConfig) -> str:
     base = root if root.is_dir() else root.parent
     # relative names: the same files moved elsewhere keep their fingerprint
     return digest({str(Path(p).relative_to(base)): file_sha256(Path(p)) for p in local_files(data)})
+# ------------------------------------------------------------------------------------- reading local files raw
+def _message(m):
+    """One message in a shape Arrow can hold whatever it was, keeping ``chat_problem``'s verdict: extra keys
+    (``name``, ``weight``) are dropped, a non-mapping becomes null, non-string content becomes null."""
+    if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+        return None
+    role, content = m["role"], m["content"]
+    return {"role": role if isinstance(role, str) else repr(role),
+            "content": content if isinstance(content, str) else None}
+
+
+def normalize_messages(messages):
+    """``messages`` as a list of ``{role, content}`` Arrow can store; anything that is not a list becomes ``[]``
+    (``chat_problem`` says "messages is not a non-empty list" for both)."""
+    if not isinstance(messages, (list, tuple)):
+        return []
+    return [_message(m) for m in messages]
+
+
+def _rows(path: Path, fmt: str):
+    """The ``messages`` of each row of one file, read raw (no schema inferred across rows)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            if "messages" not in pf.schema_arrow.names:
+                raise StageFailure(f"data: {path} has no 'messages' column (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=["messages"], batch_size=4096):
+                yield from batch.column(0).to_pylist()
+        except StageFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - an undecodable file is bad input: name it, never retry
+            raise StageFailure(f"data.dataset: could not read the parquet file {path} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json" and f.read(1) == "[":  # one JSON array of rows
+                f.seek(0)
+                rows = json.load(f)
+                yield from (r.get("messages") if isinstance(r, dict) else None for r in rows)
+                return
+            f.seek(0)
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise StageFailure(f"data.dataset: could not read the json files under {path.parent}: {path} "
+                                       f"line {n} is not valid JSON") from None
+                yield row.get("messages") if isinstance(row, dict) else None
+    except UnicodeDecodeError:
+        raise StageFailure(f"data.dataset: could not read the json files under {path.parent}: {path} is not "
+                           "UTF-8 text") from None
+    except ValueError as e:  # a .json array that is not valid JSON
+        raise StageFailure(f"data.dataset: could not read the json files under {path.parent}: {path} is not "
+                           f"valid JSON ({str(e)[:100]})") from None
+
+
+def read_local_splits(data: DataConfig, by_split: dict[str, list[str]]):
+    """The local files of each split as a ``datasets.DatasetDict`` with one ``messages`` column.
+
+    Each file is read raw (pyarrow for parquet, ``json`` per line for jsonl) and every row's messages are made
+    storable (``normalize_messages``), so one odd row (messages a string, an extra key) is counted invalid, or
+    cleaned, by row validation instead of failing the cast of the whole file. An undecodable file is named.
+    """
+    import datasets
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("messages", pa.list_(message))])
+    out = {}
+    for split, files in by_split.items():
+        rows = []
+        for f in files:
+            fmt = data.format if data.format != "auto" else ("parquet" if f.endswith(".parquet") else "json")
+            rows.extend({"messages": normalize_messages(m)} for m in _rows(Path(f), fmt))
+        out[split] = datasets.Dataset(pa.Table.from_pylist(rows, schema=schema))
+    return datasets.DatasetDict(out)
+
+
+def check_split_rows(split: str, field: str, rows: int, minimum: int) -> None:
+    """Raise StageFailure when a split kept fewer than ``minimum`` rows (a fraction of a small file can)."""
+    if rows < minimum:
+        raise StageFailure(f"data.{field}: split {split!r} keeps {rows} rows after subsetting and dropping invalid "
+                           f"ones; at least {minimum} are needed (raise the subset's fraction or count)")

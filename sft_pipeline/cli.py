@@ -88,6 +88,72 @@ def _print_summary(summary: dict) -> None:
         if st["invalid"]:
             reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
             print(f"data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
+    if summary.get("promotion", {}).get("diverged"):  # the last line: exit 0, but this adapter is not to be used
+        print(f"warning: training diverged ({summary['promotion']['diverged']}); the adapter was not promoted")
+
+
+def _server_in_own_group() -> None:
+    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group.
+
+    Ctrl-C signals the terminal's whole process group. In ours, the server got SIGINT too and stopped first; the
+    flow then spent ~74 s retrying to report the interrupt to a dead API and ended in ConnectError. In its own
+    group only this process sees Ctrl-C; ``_stop_prefect`` (or Prefect's atexit hook) still stops the server, and
+    PR_SET_PDEATHSIG stops it when this process is killed outright (it is started from the main thread, which
+    lives as long as the process).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import ctypes
+    import signal
+    import subprocess
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def detach():  # runs in the child between fork and exec
+        os.setpgrp()
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only
+        except Exception:  # noqa: BLE001 - elsewhere the atexit hook stops it; a SIGKILLed parent leaves it running
+            pass
+
+    popen = subprocess.Popen
+    with mock.patch.object(subprocess, "Popen", lambda *a, **kw: popen(*a, preexec_fn=detach, **kw)):
+        SubprocessASGIServer().start()
+
+
+def _this_runs_summary(args) -> dict | None:
+    """The summary this process wrote (``--summary-json``, else ``<store>/runs/*-<pid>.json``), or None."""
+    from pathlib import Path
+
+    from sft_pipeline.store import default_store
+
+    paths = [Path(args.summary_json)] if args.summary_json else sorted(
+        (Path(args.store or default_store()).expanduser() / "runs").glob(f"*-{os.getpid()}.json"))
+    try:
+        return json.loads(paths[-1].read_text()) if paths and paths[-1].is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def outcome(exc: BaseException, summary: dict | None) -> tuple[int, str]:
+    """Exit code and last line for a run that raised ``exc``; the run summary, when it says Completed, wins.
+
+    A run whose stages all finished and whose summary was written Completed, but whose Prefect server went away
+    before the final state was recorded, exits 0 with a warning: the summary and the exit code agree.
+    """
+    from sft_pipeline.config import ConfigError
+    from sft_pipeline.errors import _CONNECTION, failure_message
+
+    lost_server = type(exc).__name__ in _CONNECTION or (
+        "prefect" in type(exc).__module__.lower() and "connect" in str(exc).lower())
+    if summary and summary.get("status") == "Completed" and lost_server:
+        return 0, (f"warning: the run completed (summary: Completed) but Prefect's server could not be reached "
+                   f"to record it ({type(exc).__name__}); its Prefect run may show as unfinished")
+    code = 2 if isinstance(exc, ConfigError) else 1  # 2: before any stage (a stage's failure is a StageError)
+    return code, f"error: {failure_message(exc)}"
 
 
 def _stop_prefect() -> None:
@@ -128,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(recipe_names()))
         return 0
     from sft_pipeline import preflight
-    from sft_pipeline.store import default_store
+    from sft_pipeline.store import check_paths, default_store
 
     try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
+        check_paths(args.store, getattr(args, "summary_json", None))  # a file, read-only, someone else's dir
         preflight.check(load_config(args.recipe, args.overrides), args.store or default_store())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -139,17 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return _plan(args)
     from flows.sft import sft
-    from sft_pipeline.errors import failure_message
 
     if args.command == "serve":
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
+    _server_in_own_group()
     try:
         summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
+    except KeyboardInterrupt:  # Ctrl-C: the server, in its own group, is still up, so Prefect records it at once
+        _stop_prefect()
+        print("error: interrupted; run the same command again to resume (finished stages are reused, training "
+              "continues from its last checkpoint)", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a stage failed (after its retries): say which, not a stack trace
         _stop_prefect()
-        print(f"error: {failure_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: before any stage (a stage's failure is a StageError)
+        code, line = outcome(e, _this_runs_summary(args))
+        print(line, file=sys.stderr)
+        sys.exit(code)
     _stop_prefect()
     _print_summary(summary)
     return 0

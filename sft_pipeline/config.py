@@ -22,8 +22,35 @@ from sft_pipeline.errors import ConfigError
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
+# A name that becomes one path component (``promoted/<recipe>.json``, ``<split>.parquet``): no separators, no
+# leading dot (so never ``..`` or a hidden file), no spaces.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+# Prefect block names: lower case letters, digits and dashes (what ``Block.save`` accepts)
+BLOCK_NAME_PATTERN = r"[a-z0-9][a-z0-9-]*"
+SEED_MAX = 2**32 - 1  # numpy and torch seeds: 0 ... 2**32-1
+MIN_TEST_ROWS = 8  # fewer held-out rows than this make the eval loss (and so promotion) noise
+MIN_TRAIN_ROWS = 8
+KEY_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what a config key looks like; others are not quoted back
+ECHO_MAX = 60  # longest rejected value quoted back in an error
+RECIPE_MAX_BYTES = 1 << 20  # a recipe is a few KB; a bigger file is not a recipe
+YAML_MAX_NODES = 100_000  # values a recipe or override may expand to, aliases counted expanded
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` if it can be one path component; else a ValueError naming ``what`` (the value is not echoed)."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value) or ".." in value or len(value) > 200:
+        raise ValueError(f"{what} must be a plain name ({NAME_PATTERN}, no '..', at most 200 characters): it "
+                         "becomes a file name in the store")
+    return value
+
+
+def _seed():
+    return Field(42, ge=0, le=SEED_MAX)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused everywhere: `training.epochs=.inf` would pass `gt=0` and then fail in training
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -41,6 +68,16 @@ class AuthConfig(Section):
         """Upper-case names only: a token pasted here by mistake (hf_..., a hex W&B key) is refused, not echoed."""
         if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
             raise ValueError("must be the name of an environment variable (upper case, e.g. HF_TOKEN), not a secret")
+        return value
+
+    @field_validator("hf_token_block", "wandb_key_block")
+    @classmethod
+    def _a_block_name(cls, value: str) -> str:
+        """A Prefect block name: a token pasted here would otherwise reach artifacts, summaries and Prefect's DB."""
+        # a W&B key is 40 hex digits, which the pattern alone would take for a name
+        if not re.fullmatch(BLOCK_NAME_PATTERN, value) or len(value) > 100 or re.fullmatch(r"[0-9a-f]{32,}", value):
+            raise ValueError("must be the name of a Prefect Secret block (lower case letters, digits and dashes, "
+                             "e.g. hf-token), not a secret")
         return value
 
 
@@ -91,13 +128,31 @@ class DataConfig(Section):
     train_subset: Subset = Field(default_factory=Subset)
     test_subset: Subset = Field(default_factory=Subset)
     selection: Literal["first", "shuffle"] = "first"
-    seed: int = 42
+    seed: int = _seed()
     max_invalid_share: float = Field(0.05, ge=0, le=1, description="fail when more rows than this are invalid")
     # only for source=synthetic
-    synthetic_train_rows: int = Field(1200, gt=0)
-    synthetic_test_rows: int = Field(100, gt=0)
+    synthetic_train_rows: int = Field(1200, ge=MIN_TRAIN_ROWS)
+    synthetic_test_rows: int = Field(100, ge=MIN_TEST_ROWS)
     synthetic_style: Literal["chat", "long"] = Field(
         "chat", description="chat: short learnable conversations; long: ultrachat-like lengths for speed work")
+
+    @field_validator("train_split", "test_split")
+    @classmethod
+    def _split_name(cls, value: str) -> str:
+        return safe_name(value, "a split name")  # it becomes <split>.parquet in the data and format artifacts
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.train_split == self.test_split:
+            raise ValueError(f"data.test_split must differ from data.train_split (both {self.train_split!r}): "
+                             "the model would be evaluated on the rows it trained on")
+        if self.train_subset.count is not None and self.train_subset.count < MIN_TRAIN_ROWS:
+            raise ValueError(f"data.train_subset.count={self.train_subset.count} leaves too few rows to train on; "
+                             f"allowed: at least {MIN_TRAIN_ROWS}")
+        if self.test_subset.count is not None and self.test_subset.count < MIN_TEST_ROWS:
+            raise ValueError(f"data.test_subset.count={self.test_subset.count} leaves too few rows to evaluate on "
+                             f"(the eval loss decides promotion); allowed: at least {MIN_TEST_ROWS}")
+        return self
 
 
 class FormatConfig(Section):
@@ -127,7 +182,7 @@ class QuantizationConfig(Section):
 class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(-1, ge=-1, description="-1: train for `epochs`; else this many optimizer steps (>= 1)")
     learning_rate: float = Field(2e-5, gt=0, le=1)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -138,7 +193,7 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = "adamw_torch"
-    seed: int = 42
+    seed: int = _seed()
     logging_steps: int = Field(10, ge=1)
     eval_strategy: Literal["no", "epoch", "steps"] = "no"
     eval_steps: int | None = Field(None, ge=1)
@@ -152,16 +207,25 @@ class TrainingConfig(Section):
     def _yaml_no(cls, v):  # YAML reads a bare `no` as false
         return "no" if v is False else v
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:  # trl trains one step for 0, and that adapter would be promoted
+        if v == 0:
+            raise ValueError("must be -1 (train for training.epochs) or at least 1, not 0")
+        return v
+
     use_liger_kernel: bool | Literal["auto"] = Field("auto", description="auto: on CUDA when liger-kernel is installed")
     price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate before training")
 
 
 class EvaluationConfig(Section):
     batch_size: int = Field(4, ge=1)
-    max_samples: int | None = Field(None, ge=1, description="cap on test rows evaluated (None: all)")
+    max_samples: int | None = Field(None, ge=MIN_TEST_ROWS, description="cap on test rows evaluated (None: all)")
     generation_samples: int = Field(16, ge=0, description="first N test conversations answered greedily by base "
                                     "and tuned, scored against the reference reply (0: off)")
     generation_max_new_tokens: int = Field(48, ge=1, description="a reply not ended by then counts as not ending")
+    promotion_margin: float = Field(0.01, ge=0, lt=1, description="promote only when the tuned eval loss is at "
+                                    "least this fraction below the base model's (0.01: 1 %)")
 
 
 DEFAULT_PROMPTS = [
@@ -179,7 +243,7 @@ class GenerationConfig(Section):
     temperature: float = Field(0.7, gt=0)
     top_k: int = Field(50, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    seed: int = 42
+    seed: int = _seed()
 
 
 class TrackingConfig(Section):
@@ -193,6 +257,11 @@ class PipelineConfig(Section):
     """The whole fine-tune, one section per stage."""
 
     recipe: str = "custom"
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_name(cls, value: str) -> str:
+        return safe_name(value, "recipe")  # it becomes promoted/<recipe>.json
     auth: AuthConfig = Field(default_factory=AuthConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -242,7 +311,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     dotted, raw = item.split("=", 1)
     keys = _override_keys(dotted, item)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {dotted.strip()!r}") if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_problem(e)}") from None
     return keys, value
@@ -302,6 +371,11 @@ def _format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
+            if not all(isinstance(p, int) or re.fullmatch(KEY_PATTERN, str(p)) for p in loc):
+                # a key that is no config name may be a line of some other file (--recipe /etc/shadow): not shown
+                lines["(unknown)"] = ("unknown keys that do not look like config keys (not shown); allowed "
+                                      f"sections: {', '.join(PipelineConfig.model_fields)}")
+                continue
             field = ".".join(str(p) for p in loc)
             allowed = _field_names(PipelineConfig, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -317,28 +391,89 @@ def _format_validation_error(err: ValidationError) -> str:
             continue
         msg = f"{field}: {text}"
         if "input" in e and not isinstance(e["input"], dict) and loc[0] != "auth":  # auth: it may be a secret
-            msg += f" (got {e['input']!r})"
+            got = repr(e["input"])
+            if len(got) <= ECHO_MAX:  # a long value may be a pasted secret or a line of another file
+                msg += f" (got {got})"
         lines[field] = msg
     items = list(lines.values())
     return "invalid config: " + items[0] if len(items) == 1 else "invalid config:\n  " + "\n  ".join(items)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: the problem and where."""
+    """A YAML error on one line: the problem and where, without quoting the text (it may be any file's)."""
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+    problem = getattr(e, "problem", None) or "not YAML"
+    return re.sub(r"'[^']{5,}'", "'...'", problem) + where  # a quoted character stays; quoted text goes
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many values ``node`` becomes once every alias is expanded, counted without expanding anything."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise ConfigError("a YAML alias refers to itself (a recursive structure): refused")
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(c, memo, open_) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo, open_) + _expanded_size(v, memo, open_) for k, v in node.value)
+    else:
+        n = 1
+    open_.discard(key)
+    memo[key] = n
+    return n
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load``, refusing a document whose aliases expand past YAML_MAX_NODES values (an alias bomb).
+
+    PyYAML shares aliased nodes, so loading is cheap; the blow-up comes later, when the config is validated or
+    dumped. The composed node graph is measured first and nothing is built from an oversized one.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > YAML_MAX_NODES:
+            raise ConfigError(f"{what} expands to more than {YAML_MAX_NODES:,} values (YAML aliases): refused")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply: refused") from None
+    finally:
+        loader.dispose()
+
+
+def read_recipe(path: Path) -> dict:
+    """The recipe file's sections. A file that is not a recipe is refused without quoting what it holds."""
+    try:
+        size = path.stat().st_size
+        if size > RECIPE_MAX_BYTES:
+            raise ConfigError(f"recipe {path} is not a recipe: {size:,} bytes (a recipe is a small YAML file)")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a recipe: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path} cannot be read: {e.strerror}") from None
+    try:
+        data = load_yaml(text, f"recipe {path}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    if data and not set(map(str, data)) & set(PipelineConfig.model_fields):
+        raise ConfigError(f"recipe {path} is not a recipe: none of its top-level keys is a config section "
+                          f"({', '.join(PipelineConfig.model_fields)})")
+    return data
 
 
 def load_config(recipe: str = "tiny", overrides: list[str] | Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read a recipe (name or path), apply ``section.key=value`` overrides, validate. Raises ConfigError."""
     path = recipe_path(recipe)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    data = read_recipe(path)
     data.setdefault("recipe", path.stem)
     data = apply_overrides(data, overrides or [])
     return validate_config(data)

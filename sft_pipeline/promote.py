@@ -1,33 +1,85 @@
 """Promotion: point ``<store>/promoted/<recipe>.json`` at the best adapter so far.
 
-At the end of every run the tuned eval loss is compared with the promoted adapter's. The pointer moves only
-when both were evaluated on the same test set (the tokenized test split's content hash and the number of rows
-scored) and the new loss is lower; otherwise it stays and ``reason`` says why. The pointer is replaced
-atomically (temp file + ``os.replace``) under a file lock, so a reader never sees half a pointer and two runs
-finishing at once cannot lose the better one.
+At the end of every run the adapter must first be worth having: its tuned eval loss beats its own base model's on
+the held-out split by ``evaluation.promotion_margin`` and the run did not diverge (``diverged``). Then it is
+compared with the promoted adapter's: the pointer moves only when both were evaluated on the same test set (the
+tokenized test split's content hash and the number of rows scored) and the new loss is lower; otherwise it stays
+and ``reason`` says why. The pointer is replaced atomically (temp file + ``os.replace``) under a file lock, so a
+reader never sees half a pointer and two runs finishing at once cannot lose the better one. The adapter path in
+the pointer is relative to the store, so a store that is moved or mounted elsewhere keeps its pointer; a pointer
+that cannot be read is moved aside (named in the reason) instead of failing every later run.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
+import logging
 import math
 import os
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
-from sft_pipeline.store import ArtifactRef, Store, digest
+from sft_pipeline.config import safe_name
+from sft_pipeline.errors import ConfigError
+from sft_pipeline.store import ArtifactRef, Store, digest, file_lock, write_json_atomic
+
+log = logging.getLogger("sft_pipeline.promote")
+DEFAULT_MARGIN = 0.01  # evaluation.promotion_margin's default
 
 
 def pointer_path(store: Store, recipe: str) -> Path:
+    try:
+        safe_name(recipe, "recipe")  # the config checks it too; the name is joined into a path here
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return store.root / "promoted" / f"{recipe}.json"
 
 
-def read_pointer(store: Store, recipe: str) -> dict | None:
+def adapter_dir(store: Store, stored: str) -> Path:
+    """The adapter a pointer names: relative to the store; an absolute one (older pointers) as it is, or, when it is
+    gone, its last two parts (``save_adapter/<key>``) in this store (the store was moved)."""
+    p = Path(stored)
+    if not p.is_absolute():
+        return store.root / p
+    if p.is_dir():
+        return p
+    return store.root / Path(*p.parts[-2:])
+
+
+def _relative(store: Store, path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(store.root)) if p.is_relative_to(store.root) else str(p)
+
+
+def read_pointer(store: Store, recipe: str, moved_aside: list | None = None) -> dict | None:
+    """The pointer with ``adapter`` resolved to a path on this machine; None when there is none.
+
+    An unreadable one (not JSON, fields missing) is moved aside to ``<recipe>.json.unreadable-<time>`` with a
+    WARNING and treated as absent (its path is appended to ``moved_aside``): it would fail every run otherwise.
+    """
     path = pointer_path(store, recipe)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        pointer = json.loads(path.read_text())
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("adapter"), str) \
+                or not isinstance(pointer.get("eval_loss"), (int, float)) or "test_set" not in pointer:
+            raise ValueError("fields adapter, eval_loss, test_set missing or of the wrong type")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(path, aside)
+        log.warning("promotion pointer %s could not be read (%s); moved aside to %s", path, type(e).__name__, aside)
+        if moved_aside is not None:
+            moved_aside.append(str(aside))
+        return None
+    return {**pointer, "adapter": str(adapter_dir(store, pointer["adapter"]))}
+
+
+def diverged(eval_metrics: dict, log_history: list[dict] | None = None) -> str | None:
+    """Why a run's training diverged, or None: the loss-curve health check's verdict (``sft_pipeline/health.py``:
+    the tuned eval loss above the base model's or not finite, the train loss rising or not finite)."""
+    from sft_pipeline import health
+
+    return health.check(log_history or [], eval_metrics)["diverged_reason"]
 
 
 def test_set_fingerprint(store: Store, chats: ArtifactRef, test_split: str, rows: int) -> str:
@@ -36,66 +88,39 @@ def test_set_fingerprint(store: Store, chats: ArtifactRef, test_split: str, rows
     return digest({"test_split": meta["sha256"] or [chats.fingerprint, meta["size"]], "rows": rows})
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _write_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _decide(current: dict | None, candidate: dict) -> tuple[bool, str]:
-    loss = candidate["eval_loss"]
+def _worth_having(candidate: dict, margin: float, why_diverged: str | None) -> str | None:
+    """Why this adapter may not be promoted whatever the pointer says, or None."""
+    loss, base = candidate["eval_loss"], candidate["base_eval_loss"]
     if not math.isfinite(loss):
-        return False, f"tuned eval loss is {loss}: not promoted"
+        return f"tuned eval loss is {loss}: not promoted"
+    if why_diverged:
+        return f"training diverged ({why_diverged}): not promoted"
+    if not math.isfinite(base):
+        return f"the base model's eval loss is {base}: no baseline to beat, not promoted"
+    if loss > base * (1 - margin):
+        return (f"tuned eval loss {loss:.4f} does not beat the base model's {base:.4f} by "
+                f"evaluation.promotion_margin={margin:g}: not promoted")
+    return None
+
+
+def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, str]:
+    """Whether this run's adapter replaces the promoted one, said so that it cannot be misread in a run's summary."""
+    loss = candidate["eval_loss"]
     if current is None:
-        return True, "first adapter promoted for this recipe"
-    if current["adapter"] == candidate["adapter"]:
-        return False, "this adapter is already the promoted one"
+        return True, "this run's adapter is promoted: the first adapter promoted for this recipe"
+    by = f" (promoted by flow run {current['flow_run']})" if current.get("flow_run") else ""
+    if Path(current["adapter"]) == adapter_dir(store, candidate["adapter"]):
+        return False, f"this run's adapter is already the promoted one{by}"
     if not Path(current["adapter"]).is_dir():
-        return True, f"the promoted adapter {current['adapter']} is gone from the store"
+        return True, (f"this run's adapter is promoted: the promoted adapter {current['adapter']} is gone from the "
+                      f"store (deleted or moved), so it cannot be compared; this one (tuned eval loss {loss:.4f}, "
+                      f"beating its base) replaces it")
+    kept = f"kept the promoted adapter from flow run {current['flow_run']}" if current.get("flow_run") \
+        else "kept the promoted adapter"
     if current["test_set"] != candidate["test_set"]:
-        return False, (f"not comparable: the promoted adapter was evaluated on another test set "
-                       f"({current['test_set']}, this run {candidate['test_set']}); the pointer stays")
+        return False, (f"{kept}: not comparable: the promoted adapter was evaluated on another test set "
+                       f"({current['test_set']}, this run {candidate['test_set']})")
     if loss < current["eval_loss"]:
-        return True, f"tuned eval loss {loss:.4f} beats the promoted {current['eval_loss']:.4f}"
-    return False, f"tuned eval loss {loss:.4f} does not beat the promoted {current['eval_loss']:.4f}"
-
-
-def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
-             test_split: str, flow_run: str | None = None) -> dict:
-    """Promote ``adapter`` if it beats the promoted one for ``recipe``; returns the decision for the summary."""
-    m = metrics.read_json("metrics.json")
-    candidate = {"recipe": recipe, "adapter": adapter.path, "adapter_fingerprint": adapter.fingerprint,
-                 "eval_loss": m["tuned"]["eval_loss"], "base_eval_loss": m["base"]["eval_loss"],
-                 "test_set": test_set_fingerprint(store, chats, test_split, m["rows"]),
-                 "flow_run": flow_run, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = pointer_path(store, recipe)
-    with _locked(path.parent):
-        current = read_pointer(store, recipe)
-        promoted, reason = _decide(current, candidate)
-        if promoted:
-            _write_atomically(path, candidate)
-    return {"promoted": promoted, "reason": reason, "pointer": str(path), "eval_loss": candidate["eval_loss"],
-            "test_set": candidate["test_set"], "previous": current,
-            "promoted_adapter": candidate["adapter"] if promoted else (current or {}).get("adapter")}
+        return True, (f"this run's adapter is promoted: tuned eval loss {loss:.4f} beats the promoted "
+                      f"{current['eval_loss']:.4f}")
+    return False, f"{kept}: this run's tuned eval loss {loss:.4f} does not beat the promoted {current['eval_loss']:.4f}"

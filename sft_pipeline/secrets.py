@@ -29,3 +29,14 @@ def resolve(env_name: str, block_name: str | None) -> tuple[str | None, str | No
     if value:
         return value, f"block:{block_name}"
     return None, None
+
+
+def wandb_mode(tracking_mode: str, key_source: str | None, env: dict | None = None) -> str:
+    """The W&B mode a run uses: ``tracking.mode`` when set; with ``auto`` the user's own ``WANDB_MODE`` wins
+    (``offline``/``disabled`` must never be overridden to online), else online with a key, offline without."""
+    if tracking_mode != "auto":
+        return tracking_mode
+    user = (os.environ if env is None else env).get("WANDB_MODE", "").strip().lower()
+    if user in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if user == "dryrun" else user
+    return "online" if key_source else "offline"

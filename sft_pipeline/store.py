@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -225,17 +226,118 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def claim(self) -> None:
+        """Make sure the root is a store this project may write to, and mark it as one (first use).
+
+        Raises ConfigError (one line) for a file, a read-only directory, or a directory that holds other things.
+        """
+        from sft_pipeline.errors import ConfigError
+
+        problem = check_root(self.root)
+        if problem:
+            raise ConfigError(problem)
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / STORE_MARKER
+        if not marker.exists():
+            marker.write_text("This directory is an sft-pipeline artifact store; sft-pipeline may create and "
+                              "remove files under it.\n")
+
     def clean_tmp(self, max_age_s: float = 0) -> None:
-        """Remove temp dirs left by killed processes (their pid is gone)."""
+        """Remove temp dirs left by killed processes (their pid is gone).
+
+        Only in a store this project marked (``claim``), and only names ``Store.write`` makes
+        (``<stage>-<key>-<pid>-<8 hex>``, ``old-<stage>-<key>-<8 hex>``): anything else under ``.tmp`` is left
+        alone, so a directory mistaken for a store (``--store ~``) never loses a file.
+        """
+        self.claim()
         tmp_root = self.root / ".tmp"
-        if not tmp_root.is_dir():
+        if not tmp_root.is_dir() or tmp_root.is_symlink():
             return
         for p in tmp_root.iterdir():
-            parts = p.name.split("-")  # <stage>-<key>-<pid>-<random>, or old-... (already moved aside)
-            pid = int(parts[-2]) if not p.name.startswith("old-") and parts[-2].isdigit() else None
+            if p.is_symlink() or not p.is_dir():
+                continue
+            if OLD_TMP_NAME.fullmatch(p.name):
+                pid = None  # already moved aside by a writer: garbage whoever made it
+            elif m := TMP_NAME.fullmatch(p.name):
+                pid = int(m["pid"])
+            else:
+                continue  # not ours
             alive = pid is not None and _pid_alive(pid)
-            if not alive and time.time() - p.stat().st_mtime >= max_age_s:
+            if not alive and time.time() - p.lstat().st_mtime >= max_age_s:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+# the names Store.write gives its temp dirs: clean_tmp removes nothing else
+TMP_NAME = re.compile(r"(?P<stage>[A-Za-z0-9_]+)-(?P<key>[A-Za-z0-9_.-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+OLD_TMP_NAME = re.compile(r"old-[A-Za-z0-9_]+-[A-Za-z0-9_.-]+-[0-9a-f]{8}")
+STORE_MARKER = ".sft-pipeline-store"  # written into a store on first use; see Store.claim
+# what a store made before the marker existed can hold: such a directory is adopted (and marked)
+STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate", "models", ".work",
+                ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
+
+
+def _stage_dir(p: Path) -> bool:
+    """A directory of finished artifacts (``<key>/manifest.json`` each): a stage this list does not know yet."""
+    if p.is_symlink() or not p.is_dir():
+        return False
+    children = list(p.iterdir())
+    return bool(children) and all(c.is_dir() and (c / MANIFEST).is_file() for c in children[:1000])
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_root(root: Path) -> str | None:
+    """Why ``root`` cannot be a store, or None. Reads only; ``Store.claim`` marks it."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        return f"store {root} is not a directory; give a new or empty directory, or an existing store"
+    if root.is_dir():
+        if not (root / STORE_MARKER).is_file():
+            foreign = sorted(n for n in os.listdir(root) if n not in STORE_LAYOUT and not _stage_dir(root / n))
+            if foreign:
+                return (f"store {root} is not empty and is not an sft-pipeline store (no {STORE_MARKER} file; "
+                        f"it holds {len(foreign)} other entries): give a new or empty directory, e.g. "
+                        f"{root / 'sft-store'}")
+        if not _writable(root):
+            return f"store {root} is read-only: give a directory you can write to"
+        return None
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"store {root} cannot be created: {parent} is not a directory"
+    if not _writable(parent):
+        return f"store {root} cannot be created: {parent} is read-only"
+    return None
+
+
+def check_paths(store: str | Path | None, summary_json: str | None = None) -> None:
+    """Raise ConfigError (one line) when the store or the summary path cannot be used; writes nothing."""
+    from sft_pipeline.errors import ConfigError
+
+    root = Path(store).expanduser().resolve() if store else default_store().resolve()
+    problem = check_root(root) or (check_summary_path(summary_json) if summary_json else None)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_summary_path(path: str | Path) -> str | None:
+    """Why the run summary cannot be written to ``path`` (a directory, an unwritable place), or None."""
+    p = Path(path).expanduser()
+    if p.is_dir() or str(path).endswith(os.sep):
+        return f"--summary-json {path} is a directory: give a file path, e.g. {p / 'summary.json'}"
+    if p.exists() and not p.is_file():
+        return f"--summary-json {path} is not a regular file"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--summary-json {path}: {parent} is not a directory"
+    if not _writable(parent if not p.exists() else p):
+        return f"--summary-json {path} is not writable"
+    return None
 
 
 def _disk_full_fault(stage: str, tmp: Path) -> None:

@@ -336,25 +336,71 @@ def _compile_layers(layers) -> None:
         layer.compile(dynamic=True)
 
 
-SEALED = "sft-pipeline-complete"  # written into a checkpoint once all its files are on disk
+SEALED = "sft-pipeline-complete"  # written into a checkpoint once all its files are on disk: their sizes and sha256
+
+
+def _checkpoint_files(ckpt: Path) -> dict[str, dict]:
+    from sft_pipeline.store import HASH_LIMIT, file_sha256
+
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != SEALED:
+            size = p.stat().st_size
+            files[str(p.relative_to(ckpt))] = {"size": size, "sha256": file_sha256(p) if size <= HASH_LIMIT else None}
+    return files
 
 
 def seal_checkpoint(ckpt: Path) -> None:
-    """Flush a checkpoint Trainer just saved to disk, then mark it complete."""
+    """Flush a checkpoint Trainer just saved to disk, then mark it complete, recording each file's size and hash."""
     fsync_tree(ckpt)
-    (ckpt / SEALED).write_text("")
+    tmp = ckpt / f".{SEALED}.tmp"
+    tmp.write_text(json.dumps({"files": _checkpoint_files(ckpt)}, indent=1))
+    os.replace(tmp, ckpt / SEALED)
     fsync_tree(ckpt)
 
 
-def last_checkpoint(work: Path) -> str | None:
-    """The newest complete checkpoint in ``work``; ones cut short (a kill or a crash while saving) are removed."""
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: not sealed (cut short), or a file missing, resized or
+    changed since it was sealed. A seal from before hashes were recorded (empty) only says it was complete."""
+    seal = Path(ckpt) / SEALED
+    if not seal.is_file():
+        return "not sealed (cut short while saving)"
+    try:
+        text = seal.read_text()
+        recorded = json.loads(text)["files"] if text.strip() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its seal file {SEALED} is unreadable"
+    if recorded is None:
+        return None
+    for rel, meta in recorded.items():
+        p = Path(ckpt) / rel
+        if not p.is_file():
+            return f"file missing: {rel}"
+        if p.stat().st_size != meta["size"]:
+            return f"size changed: {rel}"
+        if meta.get("sha256"):
+            from sft_pipeline.store import file_sha256
+
+            if file_sha256(p) != meta["sha256"]:
+                return f"content changed: {rel}"
+    return None
+
+
+def last_checkpoint(work: Path, logger: logging.Logger = log) -> str | None:
+    """The newest intact checkpoint in ``work``. One cut short (a kill or a crash while saving) is removed; a
+    sealed one that was damaged since is removed with a WARNING, and the one before it is used (or none: training
+    starts fresh), so a corrupted checkpoint never fails every rerun."""
     def step(p: Path) -> int:
         return int(p.name.rsplit("-", 1)[1])
 
     found = [p for p in Path(work).glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
     for ckpt in sorted(found, key=step, reverse=True):
-        if (ckpt / SEALED).is_file():
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
             return str(ckpt)
+        if (ckpt / SEALED).exists():
+            logger.warning("train: checkpoint %s is damaged (%s); removed, resuming from an earlier checkpoint or "
+                           "from the start", ckpt, problem)
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
 
@@ -499,7 +545,7 @@ def train_until_done(train_ds, eval_ds, tok, model_path: str, model: ModelConfig
         trainer, metrics = build_trainer(
             train_ds, eval_ds, tok, model_path, model, quantization, lora, training, max_length, str(work), device,
             token, report_to, run_name, extra_callbacks=extra_callbacks, batch=batch)
-        last = last_checkpoint(work)
+        last = last_checkpoint(work, logger)
         try:
             result = trainer.train(resume_from_checkpoint=last)
             break
@@ -514,7 +560,7 @@ def train_until_done(train_ds, eval_ds, tok, model_path: str, model: ModelConfig
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        batch = _halve_batch(work, plan, step, last_checkpoint(work), error)
+        batch = _halve_batch(work, plan, step, last_checkpoint(work, logger), error)
         logger.warning("train: out of memory at step %d (%s); retrying from %s with micro-batch %d x accumulation "
                        "%d (same effective batch %d)", step, error, batch["oom_fallbacks"][-1]["resumed_from"] or
                        "the start", batch["per_device_batch_size"], batch["gradient_accumulation_steps"],

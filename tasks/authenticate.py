@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> dict:
     wandb_mode = wandb_source = None
     if tracking.backend == "wandb":
         _, wandb_source = secrets.resolve(auth.wandb_key_env, auth.wandb_key_block)
-        wandb_mode = tracking.mode if tracking.mode != "auto" else ("online" if wandb_source else "offline")
+        wandb_mode = secrets.wandb_mode(tracking.mode, wandb_source)  # a user's own WANDB_MODE wins under auto
         if wandb_mode == "online" and not wandb_source:
             raise StageFailure(f"tracking.mode=online needs a W&B key: set {auth.wandb_key_env} or create a Prefect "
                                f"Secret block named {auth.wandb_key_block!r}")

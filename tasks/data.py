@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from sft_pipeline.chat_data import chat_problem, local_files, split_files
+from sft_pipeline.chat_data import chat_problem, check_split_rows, local_files, read_local_splits, split_files
+from sft_pipeline.config import MIN_TEST_ROWS, MIN_TRAIN_ROWS
 from sft_pipeline.errors import StageFailure, explain_hub_error
 from sft_pipeline.stage import StageContext
 
-VERSION = "2"
+VERSION = "3"
 
 
 def _subset(ds, subset, selection: str, seed: int):
@@ -45,15 +46,8 @@ def _load(data, token: str | None):
         rows = synthetic.splits(data.synthetic_train_rows, data.synthetic_test_rows, seed=data.seed,
                                 style=data.synthetic_style)
         return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}), "synthetic"
-    files = local_files(data)
-    by_split = split_files(data, files)
-    fmt = data.format if data.format != "auto" else ("parquet" if files[0].endswith(".parquet") else "json")
-    try:
-        return datasets.load_dataset(fmt, data_files=by_split), data.dataset
-    except Exception as e:  # noqa: BLE001 - an unreadable file is bad input: say which, never retry
-        text = str(e).splitlines()[0][:300] if str(e) else ""
-        raise StageFailure(f"data.dataset: could not read the {fmt} files under {data.dataset} as a table "
-                           f"({type(e).__name__}: {text})") from None
+    by_split = split_files(data, local_files(data))
+    return read_local_splits(data, by_split), data.dataset  # raw rows: one odd row never fails the whole file
 
 
 def run(ctx: StageContext) -> dict:
@@ -82,6 +76,8 @@ def run(ctx: StageContext) -> dict:
         if not ds.num_rows:
             raise StageFailure(f"data: split {split!r} has no valid rows left (after subsetting and dropping "
                                f"{len(bad)} invalid ones)")
+        field = "train_subset" if split == data.train_split else "test_subset"
+        check_split_rows(split, field, ds.num_rows, MIN_TRAIN_ROWS if field == "train_subset" else MIN_TEST_ROWS)
         ds.to_parquet(str(ctx.out / f"{split}.parquet"))
         stats["splits"][split] = {"available": total, "rows": ds.num_rows, "invalid": len(bad),
                                   "invalid_reasons": dict(reasons)}

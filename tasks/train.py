@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 
 from sft_pipeline.stage import StageContext
 
@@ -34,10 +33,10 @@ def _wandb_run(ctx: StageContext):
         return
     import wandb
 
+    from sft_pipeline.secrets import wandb_mode
+
     key = ctx.secret("wandb_key")
-    mode = tracking.mode if tracking.mode != "auto" else ("online" if key else "offline")
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        mode = os.environ["WANDB_MODE"]
+    mode = wandb_mode(tracking.mode, "key" if key else None)  # a user's own WANDB_MODE wins under auto
     # the run's name and config point back at the Prefect flow run (its name is what the UI lists)
     name = tracking.run_name or f"{ctx.run_label or 'sft'}-{ctx.key[:8]}"
     run = wandb.init(project=tracking.project, name=name, mode=mode, dir=str(ctx.store.work_dir("wandb", ctx.key)),
