@@ -124,3 +124,35 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
         return True, (f"this run's adapter is promoted: tuned eval loss {loss:.4f} beats the promoted "
                       f"{current['eval_loss']:.4f}")
     return False, f"{kept}: this run's tuned eval loss {loss:.4f} does not beat the promoted {current['eval_loss']:.4f}"
+
+
+def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
+             test_split: str, flow_run: str | None = None, margin: float = DEFAULT_MARGIN,
+             tuned: ArtifactRef | None = None) -> dict:
+    """Promote ``adapter`` if it beats its base by ``margin``, did not diverge (``tuned``: the train artifact, for
+    its ``log_history.json``) and beats the promoted one for ``recipe``; returns the decision for the summary.
+
+    The result's ``diverged`` is the reason training diverged, or None: the flow shows it as a warning.
+    """
+    m = metrics.read_json("metrics.json")
+    history = tuned.read_json("log_history.json") if tuned is not None and tuned.file("log_history.json").is_file() \
+        else None
+    why_diverged = diverged(m, history)
+    candidate = {"recipe": recipe, "adapter": _relative(store, adapter.path), "adapter_fingerprint": adapter.fingerprint,
+                 "eval_loss": m["tuned"]["eval_loss"], "base_eval_loss": m["base"]["eval_loss"],
+                 "test_set": test_set_fingerprint(store, chats, test_split, m["rows"]),
+                 "flow_run": flow_run, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = pointer_path(store, recipe)
+    moved_aside: list[str] = []
+    with file_lock(path.parent / ".lock"):
+        current = read_pointer(store, recipe, moved_aside)
+        refused = _worth_having(candidate, margin, why_diverged)
+        promoted, reason = (False, refused) if refused else _decide(store, current, candidate)
+        if promoted:
+            write_json_atomic(path, candidate)
+    if moved_aside:
+        reason += f" (the old pointer could not be read and was moved aside to {moved_aside[0]})"
+    return {"promoted": promoted, "reason": reason, "pointer": str(path), "eval_loss": candidate["eval_loss"],
+            "test_set": candidate["test_set"], "previous": current, "diverged": why_diverged,
+            "promoted_adapter": str(adapter_dir(store, candidate["adapter"])) if promoted
+            else (current or {}).get("adapter")}
