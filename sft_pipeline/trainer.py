@@ -405,13 +405,10 @@ def last_checkpoint(work: Path, logger: logging.Logger = log) -> str | None:
     return None
 
 
-def _batch_plan(work: Path, training: TrainingConfig) -> dict:
-    """Micro-batch and accumulation to train with: the config's, unless an out-of-memory fallback lowered them."""
+def _saved_batch(work: Path) -> dict | None:
+    """The micro-batch and accumulation an earlier out-of-memory fallback lowered to (kept for reruns), or None."""
     saved = Path(work) / "batch.json"
-    if saved.is_file():
-        return json.loads(saved.read_text())
-    return {"per_device_batch_size": training.per_device_batch_size,
-            "gradient_accumulation_steps": training.gradient_accumulation_steps, "oom_fallbacks": []}
+    return json.loads(saved.read_text()) if saved.is_file() else None
 
 
 def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: str) -> dict:
@@ -537,7 +534,7 @@ def train_until_done(train_ds, eval_ds, tok, model_path: str, model: ModelConfig
     import torch
 
     # an out-of-memory fallback of an earlier attempt is kept for reruns; else build_trainer plans the batch
-    batch = _batch_plan(work, training) if (Path(work) / "batch.json").is_file() else None
+    batch = _saved_batch(work)
     if batch:
         logger.warning("train: micro-batch %d x accumulation %d, kept from an earlier out-of-memory fallback",
                        batch["per_device_batch_size"], batch["gradient_accumulation_steps"])

@@ -28,6 +28,10 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.pop("PREFECT_API_URL", None)
 
+from flows.stages import STAGES as _TABLE  # noqa: E402 - after the environment above; imports no prefect
+
+STAGES = [s.name for s in _TABLE]  # the stage names in flow order, from the one table
+
 
 def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `sft-pipeline ...` in a fresh process, as a user would."""

@@ -26,10 +26,9 @@ import httpx
 import pytest
 
 from sft_pipeline import synthetic
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STAGES
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

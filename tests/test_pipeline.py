@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, run_flow
+from tests.conftest import ROOT, STAGES, run_flow
 
-STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
 
 
 def states(summary: dict) -> list[str]:
@@ -18,6 +17,7 @@ def states(summary: dict) -> list[str]:
 
 def test_first_run_completes_seven_stages(tiny_run):
     store, summary, proc = tiny_run
+    assert STAGES == ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
     assert states(summary) == ["Completed"] * 7
     for s in STAGES:
         path = Path(summary["stages"][s]["artifact"])

@@ -21,9 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, cli, error_line, run_flow
+from tests.conftest import ROOT, STAGES, cli, error_line, run_flow
 
-STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
 SMALL = ["training.max_steps=6", "training.save_steps=2", "training.logging_steps=1", "data.synthetic_train_rows=200",
          "evaluation.max_samples=16", "generation.max_new_tokens=4"]
 

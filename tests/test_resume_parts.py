@@ -21,7 +21,7 @@ from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, StageFailure, is_transient
 from sft_pipeline.stage import Facts, execute, key_parts, stage_key
 from sft_pipeline.store import Store
-from sft_pipeline.trainer import _batch_plan, _halve_batch, last_checkpoint, seal_checkpoint
+from sft_pipeline.trainer import _halve_batch, _saved_batch, last_checkpoint, seal_checkpoint
 
 
 def test_fault_points_are_off_by_default_and_fire_once(monkeypatch):
@@ -111,13 +111,12 @@ def test_last_checkpoint_skips_one_cut_short_by_a_kill(tmp_path):
 
 
 def test_oom_halves_micro_batch_and_keeps_effective_batch(tmp_path):
-    cfg = load_config("tiny", ["training.per_device_batch_size=8", "training.gradient_accumulation_steps=2"])
-    plan = _batch_plan(tmp_path, cfg.training)
-    assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (8, 2)
+    assert _saved_batch(tmp_path) is None  # no fallback yet: the planned batch is used
+    plan = {"per_device_batch_size": 8, "gradient_accumulation_steps": 2, "oom_fallbacks": []}
     plan = _halve_batch(tmp_path, plan, 7, str(tmp_path / "checkpoint-6"), "OutOfMemoryError: CUDA out of memory")
     assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (4, 4)
     assert plan["oom_fallbacks"][0]["resumed_from"] == "checkpoint-6"
-    assert _batch_plan(tmp_path, cfg.training) == plan  # a rerun after a crash keeps the lower micro-batch
+    assert _saved_batch(tmp_path) == plan  # a rerun after a crash keeps the lower micro-batch
     odd = _halve_batch(tmp_path, {**plan, "per_device_batch_size": 3, "gradient_accumulation_steps": 2}, 1, None,
                        "oom")
     assert (odd["per_device_batch_size"], odd["gradient_accumulation_steps"]) == (1, 6)
