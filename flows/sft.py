@@ -9,8 +9,8 @@ fingerprint) go from one stage to the next.
 
 Run it: ``sft-pipeline run --recipe tiny`` (or ``python -m sft_pipeline.cli run ...``); deploy it: ``deployments/``.
 """
-from __future__ import annotations
-
+# (no ``from __future__ import annotations`` here: Prefect validates a served run's parameters against the real
+# annotations of ``sft``; as strings, ``RecipeName`` cannot be resolved and every served run fails)
 import functools
 import json
 import logging
