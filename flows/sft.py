@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows.stages import STAGES
-from sft_pipeline import health, preflight, promote, report
+from sft_pipeline import health, preflight, promote, quiet, report
 from sft_pipeline.config import OverrideValue, PipelineConfig, RecipeName, load_config
 from sft_pipeline.errors import ConfigError, StageError, StageFailure, failure_message, is_transient
 from sft_pipeline.models import describe
@@ -40,7 +40,9 @@ def _retry_if_transient(task_obj, task_run, state) -> bool:
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - only classified here
-        return is_transient(exc)
+        if is_transient(exc):  # say it now ("... unreachable. Retry 1/2 in 10 s"); Prefect only says it at INFO
+            quiet.say_retry(task_obj, task_run, exc)
+            return True
     return False
 
 
@@ -156,6 +158,8 @@ class _OurFailureHasItsLine(logging.Filter):
 
 # A worker runs the flow through Prefect's engine, which logs the failed flow's exception with its traceback.
 logging.getLogger("prefect.flow_runs").addFilter(_OurFailureHasItsLine())
+# A transient failure that used up its retries (hub unreachable) is not a bug: its line, without a traceback.
+logging.getLogger("prefect.task_runs").addFilter(quiet.NoTracebackWhenTransient())
 
 
 def fail_cleanly(fn):

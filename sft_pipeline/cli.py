@@ -1,7 +1,7 @@
 """``sft-pipeline``: run the fine-tune flow from a recipe.
 
     sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
-                     [--summary-json PATH]
+                     [--summary-json PATH] [--verbose]
     sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
     sft-pipeline plan  (same options): which stages a run would reuse or compute, and why; runs nothing
 
@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config field; repeatable")
     common.add_argument("--store", default=None,
                         help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library's output (progress bars, Prefect's own lines, library warnings); "
+                             "by default a run shows a start and end line per stage, training progress, retries, "
+                             "warnings and the summary")
     summary = argparse.ArgumentParser(add_help=False)
     summary.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
                                                               "artifacts, eval metrics, adapter path) here; for "
@@ -60,8 +64,6 @@ def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # the temporary server's first start (database migrations) can take over the default 20 s on a busy machine
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def _print_summary(summary: dict) -> None:
@@ -193,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(recipe_names()))
         return 0
+    from sft_pipeline.quiet import quiet, quiet_prefect
+
+    _quiet_env()
+    quiet(args.verbose)  # before the libraries are imported: progress bars, warnings, library loggers
     from sft_pipeline import preflight
     from sft_pipeline.store import check_paths, default_store
 
@@ -202,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _quiet_env()
     if args.command == "plan":
         return _plan(args)
     from flows.sft import sft
+
+    quiet_prefect(args.verbose, cli_prints_errors=args.command == "run")
 
     if args.command == "serve":
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))

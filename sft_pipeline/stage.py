@@ -232,6 +232,7 @@ def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], f
         if ref is not None:
             log.info("%s: reusing the finished artifact %s", stage.name, ref.path)
             return ref, True
+        log.info("%s: computing %s", stage.name, key)  # the stage's start line (reuse says "reusing" above)
         faults.point(stage.name, "start")
         metrics: dict = {}
         allowed = frozenset(n for n in stage.keyed + stage.reads if n not in ("secrets",))

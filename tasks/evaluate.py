@@ -15,6 +15,7 @@ VERSION = "3"
 def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from sft_pipeline.models import load_tuned
@@ -37,6 +38,7 @@ def run(ctx: StageContext) -> dict:
     # the token ids are already truncated to format.max_length; assistant_masks (if any) select the loss tokens
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
     trainer = Trainer(model=peft_model, args=args, eval_dataset=ds, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # it prints each metrics dict on stdout; metrics.json has them
     tuned_loss = trainer.evaluate()["eval_loss"]
     with peft_model.disable_adapter():
         base_loss = trainer.evaluate()["eval_loss"]

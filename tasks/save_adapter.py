@@ -9,14 +9,30 @@ from __future__ import annotations
 import json
 import shutil
 
+from sft_pipeline import base_origin
 from sft_pipeline.errors import StageFailure
 from sft_pipeline.stage import StageContext
 
-VERSION = "2"
+VERSION = "3"  # 3: base_model.json (where the base came from) and a loading snippet that works anywhere
 PROBE = [{"role": "user", "content": "What colour is the sky?"}]
 
 
-def _card(model_name: str, random_weights: bool, dataset: str, recipe: str, metrics: dict, train: dict) -> str:
+def _where_from(origin: dict) -> str:
+    """The model card's sentence on where the base came from (``base_model.json`` has the details)."""
+    if origin["source"] == "hub":
+        return f"the hub model `{origin['hub_id']}` at revision `{origin['revision']}`"
+    if origin["source"] == "build":
+        return (f"`{origin['name']}` **with random weights**, built from a config by sft-pipeline into the store the "
+                f"adapter is in (`{origin['path']}` from this directory). It moves with the store; copied elsewhere "
+                "without it, rebuild it with `python -m sft_pipeline.base_origin <this directory> <a store dir>` "
+                "(same seed, weights checked against their recorded sha256) and load the printed directory")
+    return f"`{origin['name']}` ({origin['source']}), loaded from `{origin['path']}`"
+
+
+def _card(model_name: str, random_weights: bool, dataset: str, recipe: str, metrics: dict, train: dict,
+          origin: dict) -> str:
+    from sft_pipeline.base_origin import snippet
+
     warn = "\n> **The base model has random weights** (built from a config for tests or speed work).\n" \
         if random_weights else ""
     return f"""---
@@ -35,12 +51,12 @@ Fine-tuned by sft-pipeline, recipe `{recipe}`, on `{dataset}`.
 
 Training: {train.get('steps')} steps, {train.get('tokens')} tokens, train loss {train.get('train_loss')}.
 
+**Base model**: {_where_from(origin)}. `base_model.json` records it; `adapter_config.json`'s
+`base_model_name_or_path` holds the path it was loaded from at training time, so use the code below rather than
+`AutoPeftModelForCausalLM` once the adapter has moved. It works from any working directory (set `adapter`):
+
 ```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-model = AutoPeftModelForCausalLM.from_pretrained("<this directory>")
-tokenizer = AutoTokenizer.from_pretrained("<this directory>")
-```
+{snippet()}```
 """
 
 
@@ -59,9 +75,11 @@ def run(ctx: StageContext) -> dict:
     shutil.copytree(tuned.file("adapter"), out, dirs_exist_ok=True)
     tok.save_pretrained(out)
     (out / "metrics.json").write_text(json.dumps({"eval": eval_metrics, "train": train_metrics}, indent=2))
-    (out / "README.md").write_text(_card(cfg.model.name, is_random(cfg.model), cfg.data.dataset, cfg.recipe,
-                                         eval_metrics, train_metrics))
     device, base = ctx.device, ctx.base_model()
+    origin = base_origin.origin(cfg.model, base, ctx.store.artifact_dir("save_adapter", ctx.key), ctx.store.root)
+    (out / base_origin.FILE).write_text(json.dumps(origin, indent=2))
+    (out / "README.md").write_text(_card(cfg.model.name, is_random(cfg.model), cfg.data.dataset, cfg.recipe,
+                                         eval_metrics, train_metrics, origin))
     with torch.no_grad():
         expected = load_tuned(base, tuned.file("adapter"), cfg.model, cfg.quantization, device, ctx.hf_token)
         want = expected(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()

@@ -1,11 +1,14 @@
 """Shared test fixtures: one Prefect home, one tiny-recipe run, offline everywhere.
 
-Environment is set before anything imports prefect (its settings are read at import time).
+Environment is set before anything imports prefect (its settings are read at import time). Everything the session
+makes lives under one ``sft-tests-*`` directory (the tiny run's store, PREFECT_HOME: ~500 MB), removed when the
+session ends, also when tests failed or were interrupted; ``SFT_TESTS_KEEP=1`` keeps it for a look.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_SESSION = Path(tempfile.mkdtemp(prefix="sft-tests-"))
+# pytest imports this file as `conftest`, and test modules import it again as `tests.conftest`: one directory for both
+_SESSION = next((m._SESSION for m in (sys.modules.get("conftest"), sys.modules.get("tests.conftest"))
+                 if getattr(m, "_SESSION", None)), None) or Path(tempfile.mkdtemp(prefix="sft-tests-"))
 os.environ.update({
     "PREFECT_HOME": str(_SESSION / "prefect-home"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -31,6 +36,14 @@ os.environ.pop("PREFECT_API_URL", None)
 from flows.stages import STAGES as _TABLE  # noqa: E402 - after the environment above; imports no prefect
 
 STAGES = [s.name for s in _TABLE]  # the stage names in flow order, from the one table
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (a Prefect harness using PREFECT_HOME)
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("SFT_TESTS_KEEP"):
+        print(f"\nkept the test session's directory: {_SESSION}")
+        return
+    shutil.rmtree(_SESSION, ignore_errors=True)
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
