@@ -335,7 +335,7 @@ def check_summary_path(path: str | Path) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"--summary-json {path}: {parent} is not a directory"
-    if not _writable(parent if not p.exists() else p):
+    if not _writable(parent):  # written as a temp file beside it, then renamed over it: the folder must be writable
         return f"--summary-json {path} is not writable"
     return None
 

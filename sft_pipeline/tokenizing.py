@@ -85,7 +85,7 @@ def encode_chats(ds, tok, *, system_message: str | None, max_length: int, assist
                 tables = pool.map(_encode_slice, bounds, chunksize=1)
     finally:
         _job.clear()
-    log.info("format: tokenized %d conversations in %d process(es)", n, procs)
+    log.debug("format: tokenized %d conversations in %d process(es)", n, procs)
     if not tables:
         cols = ["input_ids", "length"] + (["assistant_masks"] if assistant_only_loss else [])
         types = {"input_ids": pa.list_(pa.int32()), "length": pa.int64(), "assistant_masks": pa.list_(pa.int64())}

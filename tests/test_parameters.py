@@ -30,7 +30,7 @@ def test_secrets_are_block_names_never_values():
 
 def test_flow_parameters_are_typed():
     props = sft.parameters.model_dump()["properties"]
-    assert props["recipe"]["enum"] == ["mistral-7b-qlora", "tiny", "zephyr-7b-qlora"]
+    assert props["recipe"]["enum"] == ["mistral-7b-qlora", "smollm2-135m", "tiny", "zephyr-7b-qlora"]
     assert sft.validate_parameters({"overrides": {"lora.r": 4}})["recipe"] == "tiny"
     with pytest.raises(Exception, match="recipe"):
         sft.validate_parameters({"recipe": "tinny"})

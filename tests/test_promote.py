@@ -135,4 +135,4 @@ def test_tiny_run_records_its_loss_and_promotes_its_adapter(tiny_run):
     assert not Path(pointer["adapter"]).is_absolute()  # relative to the store: a moved store keeps its pointer
     assert (store.resolve() / pointer["adapter"]).is_dir() and str(store.resolve() / pointer["adapter"]) == \
         summary["adapter"]
-    assert "promoted: yes (first adapter promoted for this recipe)" in proc.stdout
+    assert "promoted: yes (this run's adapter is promoted: the first adapter promoted for this recipe)" in proc.stdout
