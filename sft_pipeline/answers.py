@@ -85,6 +85,6 @@ def generation_metrics(peft_model, tok, messages_file: str | Path, *, samples: i
         base = answer_metrics(peft_model, tok, convs, **kwargs)
     peft_model.train(was_training)
     for conv, b, t in list(zip(convs, base["replies"], tuned["replies"]))[:3]:
-        log.info("reference %r | base %r | tuned %r", conv[-1]["content"], b, t)
+        log.debug("reference %r | base %r | tuned %r", conv[-1]["content"], b, t)
     return {"generation": {"base": {k: base[k] for k in ("match", "ends_turn")},
                            "tuned": {k: tuned[k] for k in ("match", "ends_turn")}, "samples": len(convs)}}
