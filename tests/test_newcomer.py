@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, STAGES, cli
 from sft_pipeline import base_origin
 from sft_pipeline.errors import HubUnreachable
 from sft_pipeline.quiet import QuietConsole, retry_line
 
-STAGES = ["authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate"]
 PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (?P<level>[A-Z]+) *\| Task run '(?P<task>[a-z_]+)-\w+' - "
                           r"(?P<msg>.*)$")
 # what a quiet run may say about a stage, besides "Finished in state ..."
@@ -26,7 +25,8 @@ TRAINING = re.compile(r"^(train: (step \d+/\d+ \(\d+%\)  loss .* tok/s  ETA \d+:
                       r"|training settings: \{.*\}|estimate: .*)$")
 # transformers prints "[INFO] Running in WANDB offline mode" when imported with WANDB_MODE=offline (as in the tests)
 SUMMARY = re.compile(r"^(|stage +state +seconds +artifact|[a-z_]+ +(Completed|Cached) +[\d.]+  \S+|"
-                     r"eval loss: base .*|adapter: \S+|promoted: .*|\[INFO\] Running in WANDB offline mode)$")
+                     r"eval loss: base .*|held-out answers correct: .*|adapter: \S+|promoted: .*|"
+                     r"\[INFO\] Running in WANDB offline mode)$")
 
 
 def _stage_lines(stderr: str) -> dict[str, list[tuple[str, str]]]:
