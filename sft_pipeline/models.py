@@ -179,18 +179,25 @@ def attn_implementation(model_cfg, device: str, training: bool = False) -> str:
     return "sdpa"
 
 
-def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False):
-    """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device."""
+def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False,
+               device_index: int = 0, quant_storage: bool = False):
+    """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device.
+
+    ``device_index``: the GPU of this process (its local rank under torchrun). ``quant_storage``: store the 4-bit
+    weights in the compute dtype, so that FSDP can shard them like the other weights (peft's FSDP-QLoRA recipe).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(quant_cfg, device)
     quant = None
     if quant_cfg.load_in_4bit:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
-                                   bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+                                   bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                                   **({"bnb_4bit_quant_storage": dtype} if quant_storage else {}))
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quant, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
+            path, quantization_config=quant, dtype=dtype,
+            device_map={"": device_index if device == "cuda" else "cpu"},
             attn_implementation=attn_implementation(model_cfg, device, training), **hub_kwargs(model_cfg, token))
     except (OSError, EnvironmentError) as e:
         if model_cfg.source == "hub":

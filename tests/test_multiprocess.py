@@ -1,0 +1,183 @@
+"""Data-parallel training on CPU (gloo): torchrun through ``launch.run_ranks``, faults across ranks, two "nodes"
+through torchrun's c10d rendezvous, the multi-node job template, and the scaling benchmark's CPU-side parts.
+
+The train-stage-level tests call ``run_ranks`` with the tiny recipe's model and token ids made here (no flow):
+the same inputs the train stage hands it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_pipeline.config import load_config
+from sft_pipeline.errors import ConfigError, is_transient
+from sft_pipeline.launch import (RankFailure, RankLost, explain, parallel_args, rank_job, resolve_num_processes,
+                                 run_ranks, split_batch)
+from tests.conftest import ROOT
+
+MAX_STEPS, SAVE_STEPS = 40, 10
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """The tiny recipe's base model (random weights) and its format-stage output: token ids as parquet."""
+    import datasets
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft_pipeline import synthetic
+    from sft_pipeline.models import ARCHITECTURES, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**ARCHITECTURES["tiny-mistral"])).save_pretrained(root / "model")
+    tok = build_tokenizer()
+    tok.save_pretrained(root / "model")
+    tok.save_pretrained(root / "tokenizer")
+    for split, rows in synthetic.splits(cfg.data.synthetic_train_rows, 64, seed=0).items():
+        ids = tok.apply_chat_template([r["messages"] for r in rows], tokenize=True, return_dict=True)["input_ids"]
+        datasets.Dataset.from_dict({"input_ids": [list(x)[:cfg.format.max_length] for x in ids]}).to_parquet(
+            str(root / f"{split}.parquet"))
+    return root
+
+
+def _job(root: Path, run: Path, *overrides: str, publish: Path | None = None) -> dict:
+    cfg = load_config("tiny", [f"training.max_steps={MAX_STEPS}", f"training.save_steps={SAVE_STEPS}",
+                               "training.save_total_limit=10", "training.device=cpu", *overrides])
+    return rank_job(train=root / "train_sft.parquet", eval=None, tokenizer=root / "tokenizer",
+                    model_path=root / "model", model=cfg.model, quantization=cfg.quantization, lora=cfg.lora,
+                    training=cfg.training, max_length=cfg.format.max_length, work=run / "work", out=run / "out",
+                    device="cpu", publish=publish)
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _logger(name: str) -> tuple[logging.Logger, Lines]:
+    logger, lines = logging.getLogger(f"test.multiprocess.{name}"), Lines()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    return logger, lines
+
+
+def _eval_loss(root: Path, adapter: Path | None) -> float:
+    """Mean token loss of the test rows, base model or base + adapter (4-bit, CPU)."""
+    import datasets
+    import torch
+
+    from sft_pipeline.models import load_model, load_tuned
+
+    cfg = load_config("tiny")
+    model = (load_tuned(str(root / "model"), adapter, cfg.model, cfg.quantization, "cpu") if adapter else
+             load_model(str(root / "model"), cfg.model, cfg.quantization, "cpu").eval())
+    total = n = 0.0
+    with torch.no_grad():
+        for ids in datasets.Dataset.from_parquet(str(root / "test_sft.parquet"))["input_ids"][:32]:
+            x = torch.tensor([ids])
+            total += model(input_ids=x, labels=x).loss.item() * (len(ids) - 1)
+            n += len(ids) - 1
+    return total / n
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def test_batch_is_split_over_the_ranks_keeping_the_effective_batch():
+    plan = {"per_device_batch_size": 8, "gradient_accumulation_steps": 1, "effective_batch": 8}
+    for world in (1, 2, 4, 8):
+        p = split_batch(plan, world)
+        assert p["per_device_batch_size"] * p["gradient_accumulation_steps"] * world == 8
+    big = split_batch({"per_device_batch_size": 1, "gradient_accumulation_steps": 128, "effective_batch": 128}, 2)
+    assert (big["per_device_batch_size"], big["gradient_accumulation_steps"]) == (1, 64)
+    auto = split_batch({"per_device_batch_size": 4, "gradient_accumulation_steps": 4, "effective_batch": 16}, 2)
+    assert (auto["per_device_batch_size"], auto["gradient_accumulation_steps"]) == (4, 2)  # micro as planned
+
+
+def test_config_checks_processes_and_strategy():
+    assert load_config("tiny", ["training.num_processes=2"]).training.num_processes == 2
+    assert load_config("tiny", ["training.num_processes=auto"]).training.num_processes == "auto"
+    with pytest.raises(ConfigError, match="training.num_processes=3 must divide the effective batch"):
+        load_config("tiny", ["training.num_processes=3"])  # 8 x 1 is not divisible by 3
+    with pytest.raises(ConfigError, match="training.strategy=fsdp shards the model over several processes"):
+        load_config("tiny", ["training.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="training.strategy"):
+        load_config("tiny", ["training.strategy=deepspeed"])
+    assert resolve_num_processes("auto", "cpu") == 1 and resolve_num_processes(4, "cpu") == 4
+
+
+def test_fsdp_settings_follow_the_fsdp_qlora_recipe():
+    """FSDP-QLoRA needs CUDA (bitsandbytes 4-bit + FSDP): here only its settings; the GPU run is bench/scaling.py."""
+    args = parallel_args("fsdp", 5, 2, "cuda")
+    assert args["fsdp"] == "full_shard auto_wrap" and args["ddp_timeout"] == 300 and args["ddp_backend"] == "nccl"
+    assert args["fsdp_config"]["use_orig_params"] is False and args["fsdp_config"]["auto_wrap_policy"] == \
+        "TRANSFORMER_BASED_WRAP"
+    assert parallel_args("ddp", 5, 1, "cpu") == {}
+    assert "fsdp" not in parallel_args("ddp", 5, 2, "cpu")
+
+
+def test_fsdp_loads_4bit_weights_stored_in_the_compute_dtype_on_the_rank_gpu(monkeypatch):
+    import torch
+    import transformers
+
+    from sft_pipeline import models
+
+    seen = {}
+
+    def fake(path, quantization_config=None, **kw):
+        seen.update(storage=quantization_config.bnb_4bit_quant_storage, device_map=kw["device_map"])
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    cfg = load_config("mistral-7b-qlora", ["quantization.compute_dtype=bfloat16"])
+    models.load_model("x", cfg.model, cfg.quantization, "cuda", device_index=1, quant_storage=True)
+    assert seen == {"storage": torch.bfloat16, "device_map": {"": 1}}
+    models.load_model("x", cfg.model, cfg.quantization, "cuda", device_index=0)
+    assert seen == {"storage": torch.uint8, "device_map": {"": 0}}  # DDP: bitsandbytes' default packing
+
+
+def test_first_real_failure_names_the_rank():
+    killed = explain({"0": {"exitcode": 1, "message": "RuntimeError: [gloo] Connection closed by peer", "timestamp": 5},
+                      "1": {"exitcode": -9, "signal": "SIGKILL", "message": "", "timestamp": 6}}, 2, 30)
+    assert isinstance(killed, RankLost) and is_transient(killed)
+    assert str(killed) == "train: rank 1 of 2 was killed by SIGKILL (exit code -9); the other ranks were stopped"
+    bug = explain({"1": {"exitcode": 1, "message": "ValueError: bad row 7\nmore", "timestamp": 9}}, 2, 30)
+    assert isinstance(bug, RankFailure) and not is_transient(bug) and str(bug) == \
+        "train: rank 1 of 2 failed: ValueError: bad row 7"
+    oom = explain({"0": {"exitcode": 1, "message": "OutOfMemoryError: CUDA out of memory. Tried", "timestamp": 1}}, 2, 30)
+    assert type(oom).__name__ == "OutOfMemoryError" and "rank 0 of 2" in str(oom)
+    lost = explain({"0": {"exitcode": 1, "message": "DistBackendError: Watchdog caught collective operation timeout",
+                          "timestamp": 1}}, 4, 7)
+    assert isinstance(lost, RankLost) and "collective_timeout_minutes=7" in str(lost)
+
+
+# ------------------------------------------------------------------------------------------------ with torchrun
+# ~60-90 s here (two ranks on 2 shared cores: imports, 4-bit load, 40 steps)
+def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
+    logger, lines = _logger("two")
+    t0 = time.time()
+    metrics = run_ranks(_job(tiny_inputs, tmp_path), 2, logger, timeout_s=600)
+    took = time.time() - t0
+    assert metrics["world_size"] == 2 and metrics["steps"] == MAX_STEPS
+    assert metrics["per_device_batch_size"] * metrics["gradient_accumulation_steps"] * 2 == metrics["effective_batch"] == 8
+    assert any(l.startswith("[rank 0] ") for l in lines.lines) and any(l.startswith("[rank 1] ") for l in lines.lines)
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "log_history.json").is_file()
+    assert not (out / "adapter" / "training_args.bin").exists()
+    base, tuned = _eval_loss(tiny_inputs, None), _eval_loss(tiny_inputs, out / "adapter")
+    assert tuned < 0.5 * base, (base, tuned)
+    print(f"two ranks: {took:.0f} s, eval loss {base:.2f} -> {tuned:.2f}")
