@@ -242,11 +242,13 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
 
 def explain(failures: dict, world: int, timeout_minutes: float) -> Exception:
     """The first real failure among the ranks' failures (one line naming the rank), as RankFailure/RankLost or the
-    out-of-memory error. A rank that only lost its peers is a symptom: a rank killed or failing on its own wins."""
+    out-of-memory error. Symptoms rank last: a rank that only lost its peers, or one that torchrun stopped
+    (SIGTERM) after another failed; a rank failing on its own or killed otherwise is the cause."""
     def own(item):
         rank, f = item
-        peer = f.get("exitcode", 1) > 0 and bool(_PEER_GONE.search(f.get("message") or ""))
-        return (peer, f.get("timestamp", 0), int(rank))
+        code = f.get("exitcode", 1)
+        symptom = 2 if code > 0 and _PEER_GONE.search(f.get("message") or "") else 1 if code == -15 else 0
+        return (symptom, f.get("timestamp", 0), int(rank))
 
     rank, f = sorted(failures.items(), key=own)[0]
     msg = (f.get("message") or "").strip().splitlines()[0][:400] if f.get("message") else ""

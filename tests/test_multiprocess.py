@@ -53,8 +53,9 @@ def tiny_inputs(tmp_path_factory):
     return root
 
 
-def _job(root: Path, run: Path, *overrides: str, publish: Path | None = None) -> dict:
-    cfg = load_config("tiny", [f"training.max_steps={MAX_STEPS}", f"training.save_steps={SAVE_STEPS}",
+def _job(root: Path, run: Path, *overrides: str, publish: Path | None = None, steps: int = MAX_STEPS,
+         save_steps: int = SAVE_STEPS) -> dict:
+    cfg = load_config("tiny", [f"training.max_steps={steps}", f"training.save_steps={save_steps}",
                                "training.save_total_limit=10", "training.device=cpu", *overrides])
     return rank_job(train=root / "train_sft.parquet", eval=None, tokenizer=root / "tokenizer",
                     model_path=root / "model", model=cfg.model, quantization=cfg.quantization, lora=cfg.lora,
@@ -152,9 +153,10 @@ def test_fsdp_loads_4bit_weights_stored_in_the_compute_dtype_on_the_rank_gpu(mon
 
 def test_first_real_failure_names_the_rank():
     killed = explain({"0": {"exitcode": 1, "message": "RuntimeError: [gloo] Connection closed by peer", "timestamp": 5},
-                      "1": {"exitcode": -9, "signal": "SIGKILL", "message": "", "timestamp": 6}}, 2, 30)
+                      "1": {"exitcode": -9, "signal": "SIGKILL", "message": "", "timestamp": 6},
+                      "2": {"exitcode": -15, "signal": "SIGTERM", "message": "", "timestamp": 4}}, 3, 30)
     assert isinstance(killed, RankLost) and is_transient(killed)
-    assert str(killed) == "train: rank 1 of 2 was killed by SIGKILL (exit code -9); the other ranks were stopped"
+    assert str(killed) == "train: rank 1 of 3 was killed by SIGKILL (exit code -9); the other ranks were stopped"
     bug = explain({"1": {"exitcode": 1, "message": "ValueError: bad row 7\nmore", "timestamp": 9}}, 2, 30)
     assert isinstance(bug, RankFailure) and not is_transient(bug) and str(bug) == \
         "train: rank 1 of 2 failed: ValueError: bad row 7"
@@ -181,3 +183,46 @@ def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
     base, tuned = _eval_loss(tiny_inputs, None), _eval_loss(tiny_inputs, out / "adapter")
     assert tuned < 0.5 * base, (base, tuned)
     print(f"two ranks: {took:.0f} s, eval loss {base:.2f} -> {tuned:.2f}")
+
+
+# ~100 s here: 2 ranks until the checkpoint at step 4, SIGKILL, then 1 rank resumes to step 16
+def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny_inputs, tmp_path):
+    from sft_pipeline.trainer import SEALED
+
+    steps, save = 16, 4
+    job = _job(tiny_inputs, tmp_path, steps=steps, save_steps=save)
+    work = Path(job["work"])
+    logger, lines = _logger("kill")
+    caught: list[BaseException] = []
+
+    def train():
+        try:
+            run_ranks(job, 2, logger, timeout_s=600)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what the launcher raised
+            caught.append(e)
+
+    t = threading.Thread(target=train)
+    t.start()
+    deadline = time.time() + 300
+    while not (work / f"checkpoint-{save}" / SEALED).is_file():
+        assert time.time() < deadline and t.is_alive(), lines.lines[-20:]
+        time.sleep(0.2)
+    os.kill(int((work / ".ranks" / "rank-1").read_text()), signal.SIGKILL)
+    killed = time.time()
+    t.join(120)
+    assert not t.is_alive() and caught
+    took = time.time() - killed
+    err = caught[0]
+    assert isinstance(err, RankLost) and "\n" not in str(err)
+    assert str(err) == "train: rank 1 of 2 was killed by SIGKILL (exit code -9); the other ranks were stopped"
+    assert took < 60, took
+    assert not (tmp_path / "out" / "train_metrics.json").exists()
+
+    logger, lines = _logger("resume")
+    t0 = time.time()
+    metrics = run_ranks(job, 1, logger, timeout_s=600)  # the rerun has one process where there were two
+    assert metrics["resumed_from_step"] >= save and metrics["steps"] == steps
+    assert metrics["world_size"] == 1 and metrics["effective_batch"] == 8
+    assert any("written by 2 process(es), with 1 now: the data order from here on differs" in l for l in lines.lines)
+    print(f"kill noticed in {took:.1f} s; resumed from step {metrics['resumed_from_step']}, "
+          f"rerun {time.time() - t0:.0f} s")
