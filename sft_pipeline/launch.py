@@ -268,16 +268,38 @@ def explain(failures: dict, world: int, timeout_minutes: float) -> Exception:
     return RankFailure(f"{where} failed: {msg or f'exit code {code}'}")
 
 
-def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: int = 1,
+def multinode_from_env() -> dict:
+    """Several machines, as the multi-node job template sets them for the flow's pod: ``SFT_PIPELINE_NNODES``,
+    ``SFT_PIPELINE_RDZV_ENDPOINT`` (host:port of the flow's pod), ``SFT_PIPELINE_RDZV_ID`` (the same on every pod)
+    and ``SFT_PIPELINE_PUBLISH`` (a file on the shared store that the other pods' ``launch node`` watch)."""
+    nnodes = int(os.environ.get("SFT_PIPELINE_NNODES", "1") or 1)
+    if nnodes <= 1:
+        return {"nnodes": 1}
+    missing = [v for v in ("SFT_PIPELINE_RDZV_ENDPOINT", "SFT_PIPELINE_RDZV_ID", "SFT_PIPELINE_PUBLISH")
+               if not os.environ.get(v)]
+    if missing:
+        raise StageFailure(f"train: SFT_PIPELINE_NNODES={nnodes} needs {', '.join(missing)} set too")
+    return {"nnodes": nnodes, "rdzv_endpoint": os.environ["SFT_PIPELINE_RDZV_ENDPOINT"],
+            "rdzv_id": os.environ["SFT_PIPELINE_RDZV_ID"], "publish": os.environ["SFT_PIPELINE_PUBLISH"]}
+
+
+def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: int | None = None,
               rdzv_endpoint: str | None = None, rdzv_id: str | None = None, timeout_s: float | None = None,
               stall_s: float | None = None, env: dict | None = None) -> dict:
     """Train with ``nproc`` processes per node (``nnodes`` nodes); resume from the last sealed checkpoint in
     ``job["work"]``; return the training metrics rank 0 wrote into ``job["out"]``.
 
     ``job``: what ``rank_train`` reads (paths and config sections; no secret: the HF token goes by ``env``
-    under ``TOKEN_ENV``). ``stall_s`` defaults to the collective timeout plus 10 minutes.
+    under ``TOKEN_ENV``). ``stall_s`` defaults to the collective timeout plus 10 minutes. ``nnodes`` None: from
+    the environment (``multinode_from_env``), one node unless the multi-node job template says otherwise.
     """
     from sft_pipeline.trainer import last_checkpoint
+
+    if nnodes is None:
+        multi = multinode_from_env()
+        nnodes = multi["nnodes"]
+        rdzv_endpoint, rdzv_id = multi.get("rdzv_endpoint", rdzv_endpoint), multi.get("rdzv_id", rdzv_id)
+        job = {**job, "publish": multi.get("publish", job.get("publish"))}
 
     work, out = Path(job["work"]), Path(job["out"])
     work.mkdir(parents=True, exist_ok=True)
@@ -307,6 +329,7 @@ def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: in
                                "batch": {k: batch[k] for k in ("per_device_batch_size", "gradient_accumulation_steps")}
                                if batch else None, "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])})
         if job.get("publish"):  # the other nodes' `launch node` wait for this file, then join the rendezvous
+            Path(job["publish"]).parent.mkdir(parents=True, exist_ok=True)
             _write_json(Path(job["publish"]), {"job": str(job_file), "attempt": attempt, "nproc": nproc,
                                                "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id})
         failures = work / f"failures-{attempt}.json"

@@ -62,6 +62,21 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         os.environ["WANDB_PROJECT"] = tracking.project
         report_to = "wandb"
 
+    from sft_pipeline.launch import TOKEN_ENV, rank_job, resolve_num_processes, run_ranks
+
+    nproc = resolve_num_processes(training.num_processes, device)
+    if nproc > 1:  # torchrun with N ranks; rank 0 writes the artifact's files into the temp dir
+        metrics: dict = {}
+        with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
+                      metrics=metrics) as tmp:
+            metrics.update(run_ranks(rank_job(
+                train=chats.file(f"{train_split}.parquet"), eval=chats.file(f"{test_split}.parquet")
+                if training.eval_strategy != "no" else None, tokenizer=chats.file("tokenizer"),
+                model_path=base_model_path(model, st, token), model=model, quantization=quantization, lora=lora,
+                training=training, max_length=max_length, work=work, out=tmp, device=device, report_to=report_to,
+                run_name=tracking.run_name or f"sft-{key[:8]}"), nproc, get_run_logger(),
+                env={TOKEN_ENV: token} if token else None))
+        return st.ref("train", key)
     trainer, metrics = train_until_done(
         train_ds, eval_ds if training.eval_strategy != "no" else None, tok, base_model_path(model, st, token),
         model, quantization, lora, training, max_length, work, device, token, report_to,

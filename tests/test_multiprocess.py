@@ -226,3 +226,30 @@ def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny
     assert any("written by 2 process(es), with 1 now: the data order from here on differs" in l for l in lines.lines)
     print(f"kill noticed in {took:.1f} s; resumed from step {metrics['resumed_from_step']}, "
           f"rerun {time.time() - t0:.0f} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ~70 s here: two launcher processes ("nodes", one rank each) meet through torchrun's c10d rendezvous
+def test_two_nodes_through_the_c10d_rendezvous(tiny_inputs, tmp_path):
+    publish = tmp_path / "store" / ".launch" / "job-1.json"
+    node1 = subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "node", "--publish", str(publish),
+                              "--timeout", "10"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        logger, lines = _logger("nodes")
+        metrics = run_ranks(_job(tiny_inputs, tmp_path, publish=publish, steps=16), 1, logger, nnodes=2,
+                            rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="sft-test", timeout_s=600)
+        assert metrics["world_size"] == 2 and metrics["steps"] == 16 and metrics["effective_batch"] == 8
+        assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+        assert any("on 2 nodes" in line for line in lines.lines)
+        node1_out = node1.communicate(timeout=120)[0]
+        assert node1.returncode == 0 and "[rank " in node1_out, node1_out[-3000:]
+    finally:
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+            node1.wait()
