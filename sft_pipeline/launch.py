@@ -269,16 +269,21 @@ def explain(failures: dict, world: int, timeout_minutes: float) -> Exception:
 
 
 def multinode_from_env() -> dict:
-    """Several machines, as the multi-node job template sets them for the flow's pod: ``SFT_PIPELINE_NNODES``,
-    ``SFT_PIPELINE_RDZV_ENDPOINT`` (host:port of the flow's pod), ``SFT_PIPELINE_RDZV_ID`` (the same on every pod)
-    and ``SFT_PIPELINE_PUBLISH`` (a file on the shared store that the other pods' ``launch node`` watch)."""
-    nnodes = int(os.environ.get("SFT_PIPELINE_NNODES", "1") or 1)
+    """Several machines, as the multi-node job template sets them for the flow's pod: ``SFT_PIPELINE_NODES``
+    (``<nodes>x<gpus_per_node>``), ``SFT_PIPELINE_RDZV_ENDPOINT`` (host:port of the flow's pod),
+    ``SFT_PIPELINE_RDZV_ID`` (the same on every pod) and ``SFT_PIPELINE_PUBLISH`` (a file on the shared store that
+    the other pods' ``launch node`` watch)."""
+    topology = os.environ.get("SFT_PIPELINE_NODES", "").strip()
+    m = re.fullmatch(r"(\d+)x(\d+)", topology) if topology else None
+    if topology and not m:
+        raise StageFailure(f"train: SFT_PIPELINE_NODES={topology!r} must look like <nodes>x<gpus_per_node>, e.g. 2x8")
+    nnodes = int(m.group(1)) if m else 1
     if nnodes <= 1:
         return {"nnodes": 1}
     missing = [v for v in ("SFT_PIPELINE_RDZV_ENDPOINT", "SFT_PIPELINE_RDZV_ID", "SFT_PIPELINE_PUBLISH")
                if not os.environ.get(v)]
     if missing:
-        raise StageFailure(f"train: SFT_PIPELINE_NNODES={nnodes} needs {', '.join(missing)} set too")
+        raise StageFailure(f"train: SFT_PIPELINE_NODES={topology} needs {', '.join(missing)} set too")
     return {"nnodes": nnodes, "rdzv_endpoint": os.environ["SFT_PIPELINE_RDZV_ENDPOINT"],
             "rdzv_id": os.environ["SFT_PIPELINE_RDZV_ID"], "publish": os.environ["SFT_PIPELINE_PUBLISH"]}
 

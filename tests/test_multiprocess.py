@@ -253,3 +253,50 @@ def test_two_nodes_through_the_c10d_rendezvous(tiny_inputs, tmp_path):
         if node1.poll() is None:
             os.killpg(node1.pid, signal.SIGKILL)
             node1.wait()
+
+
+# ------------------------------------------------------------------------------------------------ documents
+def test_multinode_job_template_renders_an_indexed_job_of_nodes_pods(tmp_path):
+    """The K8s work-pool template, as Prefect's Kubernetes worker fills it: N pods x G GPUs, pod 0 runs the flow
+    and hosts the rendezvous, the others run `launch node`; its container script is run here with sh."""
+    import jsonschema
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((ROOT / "deployments" / "k8s-multinode-job-template.json").read_text())
+    variables = template["variables"]
+    assert {"nodes", "gpus_per_node"} <= set(variables["properties"])
+    values = {k: v.get("default") for k, v in variables["properties"].items()}
+    values.update(nodes=3, gpus_per_node=4, command="prefect flow-run execute", env={}, labels={}, annotations={})
+    jsonschema.validate({k: v for k, v in values.items() if v is not None and k != "cluster_config"},
+                        {**variables, "definitions": variables.get("definitions", {})})
+    rendered = apply_values(template["job_configuration"], values)
+    KubernetesWorkerJobConfiguration(**rendered)  # the worker's own model accepts it
+    spec = rendered["job_manifest"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "sft-rdzv" and spec["template"]["metadata"]["labels"]["sft-pipeline/rdzv"] == "sft-rdzv"
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4 == c["resources"]["requests"]["nvidia.com/gpu"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env["SFT_PIPELINE_NODES"] == "3x4" and env["SFT_PIPELINE_RDZV_ENDPOINT"] == "$(JOB_NAME)-0.sft-rdzv:29400"
+    assert env["JOB_NAME"] == {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}
+    assert env["SFT_PIPELINE_PUBLISH"] == "/mnt/sft-store/.launch/$(JOB_NAME).json"
+    # the container's script: index 0 runs the flow command, every other index `launch node`
+    (tmp_path / "python").write_text("#!/bin/sh\necho python \"$@\"\n")
+    (tmp_path / "python").chmod(0o755)
+    runs = {}
+    for index in ("0", "2"):
+        runs[index] = subprocess.run(c["command"] + ["echo", "flow"], capture_output=True, text=True, env={
+            "PATH": f"{tmp_path}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": index,
+            "SFT_PIPELINE_PUBLISH": "/s/.launch/j.json"}).stdout.strip()
+    assert runs == {"0": "flow", "2": "python -m sft_pipeline.launch node --publish /s/.launch/j.json"}
+    from sft_pipeline import launch  # what the flow's pod reads from those variables
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            if isinstance(v, str):
+                mp.setenv(k, v.replace("$(JOB_NAME)", "sft-abc"))
+        assert launch.multinode_from_env() == {"nnodes": 3, "rdzv_endpoint": "sft-abc-0.sft-rdzv:29400",
+                                               "rdzv_id": "sft-abc", "publish": "/mnt/sft-store/.launch/sft-abc.json"}
