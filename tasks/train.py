@@ -62,10 +62,10 @@ def train(store: str, chats: ArtifactRef, train_split: str, test_split: str, mod
         os.environ["WANDB_PROJECT"] = tracking.project
         report_to = "wandb"
 
-    from sft_pipeline.launch import TOKEN_ENV, rank_job, resolve_num_processes, run_ranks
+    from sft_pipeline.launch import TOKEN_ENV, multinode_from_env, rank_job, resolve_num_processes, run_ranks
 
     nproc = resolve_num_processes(training.num_processes, device)
-    if nproc > 1:  # torchrun with N ranks; rank 0 writes the artifact's files into the temp dir
+    if nproc > 1 or multinode_from_env()["nnodes"] > 1:  # torchrun; rank 0 writes the files into the temp dir
         metrics: dict = {}
         with st.write("train", key, inputs={"lora": lora.model_dump(), "training": training.model_dump()},
                       metrics=metrics) as tmp:

@@ -300,3 +300,39 @@ def test_multinode_job_template_renders_an_indexed_job_of_nodes_pods(tmp_path):
                 mp.setenv(k, v.replace("$(JOB_NAME)", "sft-abc"))
         assert launch.multinode_from_env() == {"nnodes": 3, "rdzv_endpoint": "sft-abc-0.sft-rdzv:29400",
                                                "rdzv_id": "sft-abc", "publish": "/mnt/sft-store/.launch/sft-abc.json"}
+
+
+# ------------------------------------------------------------------------------------------------ bench/scaling.py
+def test_scaling_bench_arguments_and_table():
+    from bench import scaling
+
+    a = scaling.parse_args(["--gpus", "4", "--strategies", "ddp,fsdp", "--out", "/x"])
+    assert (a.gpus, a.strategies, a.device, a.runs) == (4, ["ddp", "fsdp"], "cuda", 2)
+    for bad in (["--gpus", "3"], ["--gpus", "1"], ["--strategies", "zero3"], ["--device", "cpu"],
+                ["--device", "cpu", "--tiny", "--strategies", "fsdp"]):
+        with pytest.raises(SystemExit):
+            scaling.parse_args(bad)
+    results = [{"setting": "1gpu-run0", "gpus": 1, "strategy": "ddp", "tok_s": 9000.0, "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 4, "peak_gpu_gib_rank0": 30.0, "losses": [2.0, 1.5]},
+               {"setting": "2gpu-ddp-run0", "gpus": 2, "strategy": "ddp", "tok_s": 16200.0, "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 2, "peak_gpu_gib_rank0": 30.5, "losses": [2.0, 1.49]},
+               {"setting": "1gpu-run1", "gpus": 1, "strategy": "ddp", "tok_s": 9200.0, "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 4, "peak_gpu_gib_rank0": 30.0, "losses": [2.0, 1.5]},
+               {"setting": "2gpu-fsdp-run0", "gpus": 2, "strategy": "fsdp", "error": "ValueError: boom"}]
+    rows = scaling.summarize(results, 2)
+    assert rows["1gpu"]["median"] == 9100 and rows["2gpu-ddp"]["efficiency"] == round(16200 / (2 * 9100), 3)
+    text = scaling.table(rows, "card")
+    assert "0.89" in text and "failed: ValueError: boom" in text and "1.4900" in text
+
+
+# ~40 s here: the bench's CPU dry run, 1 vs 2 processes; the same effective batch gives the same loss curve
+def test_scaling_dry_run_same_effective_batch_same_losses(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--device", "cpu", "--tiny", "--gpus", "2",
+                           "--runs", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    one, two = (data["summary"][k] for k in ("1gpu", "2gpu-ddp"))
+    assert one["batch"] == "4x2" and two["batch"] == "4x1"  # micro x accumulation (x 2 ranks) = 8 either way
+    assert len(one["losses"]) == 4 and all(math.isclose(x, y, abs_tol=2e-3) for x, y in zip(one["losses"], two["losses"]))
+    assert "efficiency" in proc.stdout
