@@ -18,7 +18,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from sft_pipeline.launch import HEARTBEATS, TOKEN_ENV, parallel_args
+from sft_pipeline.launch import HEARTBEATS, TOKEN_ENV
+from sft_pipeline.parallel import parallel_args
 
 log = logging.getLogger("sft_pipeline.rank_train")
 

@@ -224,7 +224,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
     plan = plan_batch(training, m.config, max_length, free)
     if world_size > 1:
-        from sft_pipeline.launch import split_batch
+        from sft_pipeline.parallel import split_batch
 
         plan = split_batch(plan, world_size)
     if batch:

@@ -22,8 +22,8 @@ import pytest
 
 from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, is_transient
-from sft_pipeline.launch import (RankFailure, RankLost, explain, parallel_args, rank_job, resolve_num_processes,
-                                 run_ranks, split_batch)
+from sft_pipeline.launch import RankFailure, RankLost, explain, rank_job, run_ranks
+from sft_pipeline.parallel import parallel_args, resolve_num_processes, split_batch
 from tests.conftest import ROOT
 
 MAX_STEPS, SAVE_STEPS = 40, 10
