@@ -68,6 +68,15 @@ def _prepare_tiny(root: Path) -> dict:
             "train": str(root / "train.parquet"), "tokenizer": str(root / "model")}
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (the first n go to an n-GPU setting)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given:
+        return [g.strip() for g in given.split(",") if g.strip()]
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
+    return [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()] or ["0"]
+
+
 def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, run_dir: Path) -> dict:
     """The job every rank reads: the recipe with the bench's overrides (no checkpoints, loss every step)."""
     from sft_pipeline.config import load_config
@@ -99,7 +108,7 @@ def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny
     logger.setLevel(logging.INFO)
     handler = logging.FileHandler(out / f"scaling-{tag}.log", mode="w")
     logger.addHandler(handler)
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))} if device == "cuda" else {}
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus()[:n])} if device == "cuda" else {}
     result: dict = {"setting": tag, "gpus": n, "strategy": strategy}
     t0 = time.time()
     try:
