@@ -168,7 +168,7 @@ def test_first_real_failure_names_the_rank():
 
 
 # ------------------------------------------------------------------------------------------------ with torchrun
-# ~60-90 s here (two ranks on 2 shared cores: imports, 4-bit load, 40 steps)
+# ~30 s here idle, ~90 s with the 2 cores busy (two ranks: imports, 4-bit load, 40 steps)
 def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
     logger, lines = _logger("two")
     t0 = time.time()
@@ -185,7 +185,7 @@ def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
     print(f"two ranks: {took:.0f} s, eval loss {base:.2f} -> {tuned:.2f}")
 
 
-# ~100 s here: 2 ranks until the checkpoint at step 4, SIGKILL, then 1 rank resumes to step 16
+# ~25 s here idle, ~2 min busy: 2 ranks until the checkpoint at step 4, SIGKILL, then 1 rank resumes to step 16
 def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny_inputs, tmp_path):
     from sft_pipeline.trainer import SEALED
 
@@ -234,7 +234,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# ~70 s here: two launcher processes ("nodes", one rank each) meet through torchrun's c10d rendezvous
+# ~40 s here idle (10 s of it node 1 waiting for another attempt), ~90 s busy: two launcher processes ("nodes",
+# one rank each) meet through torchrun's c10d rendezvous
 def test_two_nodes_through_the_c10d_rendezvous(tiny_inputs, tmp_path):
     publish = tmp_path / "store" / ".launch" / "job-1.json"
     node1 = subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "node", "--publish", str(publish),
@@ -325,7 +326,7 @@ def test_scaling_bench_arguments_and_table():
     assert "0.89" in text and "failed: ValueError: boom" in text and "1.4900" in text
 
 
-# ~40 s here: the bench's CPU dry run, 1 vs 2 processes; the same effective batch gives the same loss curve
+# ~25 s here idle: the bench's CPU dry run, 1 vs 2 processes; the same effective batch gives the same loss curve
 def test_scaling_dry_run_same_effective_batch_same_losses(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--device", "cpu", "--tiny", "--gpus", "2",
                            "--runs", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
