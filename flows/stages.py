@@ -34,7 +34,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", train.run, needs=("format",),
           keyed=("model", "model.attn_implementation", "quantization", "lora", "training", "format.max_length",
                  "data.train_split", "data.test_split"),
-          reads=("tracking", "training.price_per_hour"),  # where logs go, and the cost estimate's price
+          # where logs go, the cost estimate's price, and how many processes share the same effective batch
+          reads=("tracking", "training.price_per_hour", "training.num_processes", "training.strategy",
+                 "training.collective_timeout_minutes"),
           code=(train.VERSION,), retries=1),
     Stage("evaluate", evaluate.run, needs=("format", "train"),
           keyed=("model", "quantization", "evaluation", "data.test_split"),

@@ -12,7 +12,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -215,7 +215,26 @@ class TrainingConfig(Section):
         return v
 
     use_liger_kernel: bool | Literal["auto"] = Field("auto", description="auto: on CUDA when liger-kernel is installed")
+    # several processes (sft_pipeline/launch.py): not part of the train key, the effective batch stays the recipe's
+    num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="data-parallel processes (torchrun); auto: "
+                                                                      "one per visible GPU (1 on CPU)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: one 4-bit copy per GPU; fsdp: shard the "
+                                                                "model over the GPUs (for what does not fit one)")
+    collective_timeout_minutes: float = Field(30, gt=0, description="a rank waiting this long on the others fails "
+                                                                    "the stage instead of hanging")
     price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate before training")
+
+    @model_validator(mode="after")
+    def _parallel(self):
+        n = self.num_processes
+        if self.strategy == "fsdp" and n == 1:
+            raise ValueError("training.strategy=fsdp shards the model over several processes: set "
+                             "training.num_processes to 2 or more (or auto on a multi-GPU machine)")
+        effective = self.per_device_batch_size * self.gradient_accumulation_steps
+        if isinstance(n, int) and effective % n:
+            raise ValueError(f"training.num_processes={n} must divide the effective batch (per_device_batch_size x "
+                             f"gradient_accumulation_steps = {effective}) so that every process gets the same share")
+        return self
 
 
 class EvaluationConfig(Section):

@@ -203,24 +203,31 @@ def attn_implementation(model_cfg, device: str, training: bool = False) -> str:
     return "sdpa"
 
 
-def bnb_config(quant_cfg, dtype):
-    """bitsandbytes 4-bit settings (nf4 + double quant by default), or None when the base is not quantized."""
+def bnb_config(quant_cfg, dtype, quant_storage: bool = False):
+    """bitsandbytes 4-bit settings (nf4 + double quant by default), or None when the base is not quantized.
+    ``quant_storage``: store the 4-bit weights in the compute dtype, so FSDP can shard them (FSDP-QLoRA)."""
     if not quant_cfg.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
-                              bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              **({"bnb_4bit_quant_storage": dtype} if quant_storage else {}))
 
 
-def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False):
-    """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device."""
+def load_model(path: str, model_cfg, quant_cfg, device: str, token: str | None = None, training: bool = False,
+               device_index: int = 0, quant_storage: bool = False):
+    """The base model, 4-bit when configured (bitsandbytes nf4 works on CPU too), on one device.
+
+    ``device_index``: the GPU of this process (its local rank under torchrun).
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant_cfg, device)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb_config(quant_cfg, dtype), dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"},
+            path, quantization_config=bnb_config(quant_cfg, dtype, quant_storage), dtype=dtype,
+            device_map={"": device_index if device == "cuda" else "cpu"},
             attn_implementation=attn_implementation(model_cfg, device, training), **hub_kwargs(model_cfg, token))
     except (OSError, EnvironmentError) as e:
         if model_cfg.source == "hub":

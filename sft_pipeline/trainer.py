@@ -108,12 +108,20 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
             self.last = time.monotonic()
 
         def on_step_end(self, args, state, control, **kw):
-            if training.save_minutes and time.monotonic() - self.last >= training.save_minutes * 60:
+            due = bool(training.save_minutes) and time.monotonic() - self.last >= training.save_minutes * 60
+            if training.save_minutes and args.world_size > 1:  # all ranks must save at the same step: rank 0's clock
+                flag = torch.tensor([int(due)], device=args.device)
+                torch.distributed.broadcast(flag, 0)
+                due = bool(flag.item())
+            if due:
                 control.should_save = True
 
         def on_save(self, args, state, control, **kw):
             self.last = time.monotonic()
-            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            if args.world_size > 1:  # seal once every rank has written its part (rank 0 the weights, each its RNG)
+                torch.distributed.barrier()
+            if state.is_world_process_zero:
+                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     class Throughput(TrainerCallback):
         """Trained tokens per second (padding excluded), and an estimate of time and cost after warm-up."""
@@ -433,11 +441,15 @@ def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: s
 def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, quantization: QuantizationConfig,
                   lora: LoraSection, training: TrainingConfig, max_length: int, output_dir: str, device: str,
                   token: str | None = None, report_to: str = "none", run_name: str | None = None,
-                  extra_callbacks: list | None = None, batch: dict | None = None, speed: dict | None = None):
+                  extra_callbacks: list | None = None, batch: dict | None = None, speed: dict | None = None,
+                  world_size: int = 1, local_rank: int = 0, parallel: dict | None = None):
     """The SFTTrainer this stage runs, with its speed settings. Returns (trainer, metrics dict filled by training).
 
     ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's. ``speed`` replaces
     entries of ``SPEED`` (the levers measured in BENCHMARKS.md; the benchmark turns them one by one).
+    Several processes (``sft_pipeline/rank_train.py``): ``world_size`` splits the effective batch over the ranks,
+    ``local_rank`` is this rank's GPU, ``parallel`` the DDP/FSDP arguments (``launch.parallel_args``); the measured
+    batch plan is for one process only (several use the split plan).
     """
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -450,15 +462,20 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         # fewer, growable segments: packed micro-batches change length every step and fragment fixed-size ones
         # (read when CUDA starts; a process that started it earlier keeps its own setting)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    m = load_model(model_path, model, quantization, device, token, training=True)
+    m = load_model(model_path, model, quantization, device, token, training=True, device_index=local_rank,
+                   quant_storage="fsdp" in (parallel or {}))
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
     m.config.use_cache = False
-    measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure"
+    measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure" and world_size == 1
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
     plan = plan_batch(training, m.config, max_length, free)
     if measure:  # a provisional plan until a step of this very trainer is measured below
         plan = {**plan, "per_device_batch_size": 1, "gradient_accumulation_steps": plan["effective_batch"],
                 "gradient_checkpointing": False}
+    if world_size > 1:
+        from sft_pipeline.parallel import split_batch
+
+        plan = split_batch(plan, world_size)
     if batch:
         plan.update(batch)
     if quantization.load_in_4bit and device == "cpu":
@@ -485,7 +502,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
         eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
         report_to=report_to, run_name=run_name, include_num_input_tokens_seen=True, use_liger_kernel=liger,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, **(parallel or {}),
     )
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                              target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
@@ -570,9 +587,13 @@ def train_until_done(train_ds, eval_ds, tok, model_path: str, model: ModelConfig
     return trainer, metrics
 
 
-def save_trained(trainer, metrics: dict, out: Path) -> None:
-    """The adapter, the log history, the metrics and the (token-free) training arguments, into ``out``."""
-    trainer.save_model(str(out / "adapter"))
+def save_trained(trainer, metrics: dict, out: Path, save_model: bool = True) -> None:
+    """The adapter, the log history, the metrics and the (token-free) training arguments, into ``out``.
+
+    ``save_model=False``: the adapter is there already (several ranks save it together; rank 0 then calls this).
+    """
+    if save_model:
+        trainer.save_model(str(out / "adapter"))
     (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickled args can hold hub_token
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))

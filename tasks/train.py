@@ -73,6 +73,12 @@ def run(ctx: StageContext) -> dict:
     train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.train_split}.parquet")))
     eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.test_split}.parquet"))) \
         if cfg.training.eval_strategy != "no" else None
+    from sft_pipeline.launch import multinode_from_env
+    from sft_pipeline.parallel import resolve_num_processes
+
+    nproc = resolve_num_processes(cfg.training.num_processes, ctx.device)
+    if nproc > 1 or multinode_from_env()["nnodes"] > 1:
+        return _run_ranks(ctx, nproc)
     tokens = planned_tokens(cfg.training, chats.read_json("stats.json")[cfg.data.train_split])
     progress = Progress(ctx.log, total_tokens=tokens)  # a line per logging step + the UI's progress bar
     with _wandb_run(ctx) as (report_to, wandb_run):
@@ -87,4 +93,25 @@ def run(ctx: StageContext) -> dict:
     save_trained(trainer, metrics, ctx.out)
     (ctx.out / "loss.png").write_bytes(png)
     (ctx.out / "health.json").write_text(json.dumps(health.check(history), indent=2))  # the flow adds eval
+    return metrics
+
+
+def _run_ranks(ctx: StageContext, nproc: int) -> dict:
+    """Several processes (``training.num_processes``): torchrun starts them (``sft_pipeline/launch.py``); each reads
+    only the format stage's files; rank 0 writes the adapter, the log history and the metrics into ``ctx.out``."""
+    from sft_pipeline import health, report
+    from sft_pipeline.launch import TOKEN_ENV, rank_job, run_ranks
+
+    cfg, chats = ctx.cfg, ctx.upstream["format"]
+    job = rank_job(train=chats.file(f"{cfg.data.train_split}.parquet"),
+                   eval=chats.file(f"{cfg.data.test_split}.parquet") if cfg.training.eval_strategy != "no" else None,
+                   tokenizer=chats.file("tokenizer"), model_path=ctx.base_model(), model=cfg.model,
+                   quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
+                   max_length=cfg.format.max_length, work=ctx.work, out=ctx.out, device=ctx.device,
+                   run_name=cfg.tracking.run_name or f"sft-{ctx.key[:8]}")
+    token = ctx.hf_token
+    metrics = run_ranks(job, nproc, ctx.log, env={TOKEN_ENV: token} if token else None)
+    history = json.loads((ctx.out / "log_history.json").read_text())
+    (ctx.out / "loss.png").write_bytes(report.loss_png(history))
+    (ctx.out / "health.json").write_text(json.dumps(health.check(history), indent=2))
     return metrics

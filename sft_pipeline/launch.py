@@ -1,0 +1,377 @@
+"""Training as N data-parallel processes, launched with torchrun, waited for, its faults told in one line.
+
+``run_ranks(job, nproc, logger)`` starts ``python -m torch.distributed.run`` (torchrun) in its own process group
+with ``nproc`` copies of ``sft_pipeline.rank_train`` (one 4-bit model per rank, DDP or FSDP), streams every rank's
+output line by line into ``logger`` as ``[rank k] ...``, and returns rank 0's training metrics. The ranks only read
+the format stage's token ids; rank 0 writes the artifact's files into ``job["out"]``.
+
+Faults: torchrun stops the whole group when one rank dies (its ``--max-restarts 0``), every collective gives up
+after ``training.collective_timeout_minutes``, and a watchdog here stops the group when no rank has made progress
+for longer than that (or after ``timeout_s``). The first failure, read from torchrun's per-rank error files
+(``@record`` in ``rank_train``), becomes one line naming the rank. CUDA out of memory in any rank restarts the group
+from the last sealed checkpoint at half the per-rank micro-batch (the same effective batch); a killed or lost rank
+raises ``RankLost`` (retried: the retry resumes from the last sealed checkpoint), a rank's own error ``RankFailure``.
+
+Across machines: every node runs ``python -m sft_pipeline.launch node`` except the one running the flow, which
+publishes the job on the shared store (``job["publish"]``); all join torchrun's c10d rendezvous
+(see ``deployments/k8s-multinode-job-template.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sft_pipeline.errors import StageFailure, is_oom
+from sft_pipeline.parallel import checkpoint_world_size, parallel_args, resolve_num_processes, split_batch  # noqa: F401
+
+log = logging.getLogger("sft_pipeline.launch")
+TOKEN_ENV = "SFT_PIPELINE_RANK_HF_TOKEN"  # the HF token reaches the ranks by environment, never in a file
+HEARTBEATS = ".ranks"  # in the work dir: one file per rank, touched at every step (the watchdog reads them)
+# messages of a rank that only saw another rank go away (a symptom, not the cause)
+_PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|peer|gloo|nccl|timed out|timeout|socket|"
+                        r"ProcessGroup|DistBackendError|Watchdog caught collective", re.IGNORECASE)
+_LINE = re.compile(r"^\[rank (\d+)\] (DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+
+
+class RankFailure(RuntimeError):
+    """A rank raised an error of its own (a bug, bad data): not retried."""
+
+
+class RankLost(ConnectionError):
+    """A rank was killed, lost its peers or timed out: retried (a retry resumes from the last sealed checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------------- plans and settings
+def _rank_batch(work: Path) -> dict | None:
+    """An out-of-memory fallback of an earlier group (per-rank numbers), kept for reruns with the same N."""
+    saved = work / "batch-ranks.json"
+    return json.loads(saved.read_text()) if saved.is_file() else None
+
+
+def _halve(work: Path, batch: dict | None, micro: int, accumulation: int, world: int, step: int | None,
+           error: str) -> dict:
+    if micro == 1:
+        raise StageFailure(f"train: out of memory at a per-rank micro-batch of 1 ({error}); lower format.max_length, "
+                           "turn on training.gradient_checkpointing, use training.strategy=fsdp or bigger GPUs")
+    new = {"per_device_batch_size": micro // 2 if micro % 2 == 0 else 1,
+           "gradient_accumulation_steps": accumulation * 2 if micro % 2 == 0 else accumulation * micro}
+    fallback = {"at_step": step, "from": {"per_device_batch_size": micro, "gradient_accumulation_steps": accumulation},
+                "to": dict(new), "world_size": world, "error": error[:300]}
+    batch = {**new, "world_size": world, "oom_fallbacks": (batch or {}).get("oom_fallbacks", []) + [fallback]}
+    _write_json(work / "batch-ranks.json", batch)
+    return batch
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def rank_job(*, train: str, eval: str | None, tokenizer: str, model_path: str, model, quantization, lora, training,
+             max_length: int, work: str | Path, out: str | Path, device: str, report_to: str = "none",
+             run_name: str | None = None, publish: str | Path | None = None) -> dict:
+    """What every rank reads: the format stage's files, the base model's path, the config sections. No secret."""
+    dump = lambda section: section.model_dump(mode="json")  # noqa: E731
+    return {"train": str(train), "eval": str(eval) if eval else None, "tokenizer": str(tokenizer),
+            "model_path": str(model_path), "model": dump(model), "quantization": dump(quantization),
+            "lora": dump(lora), "training": dump(training), "max_length": max_length, "work": str(work),
+            "out": str(out), "device": device, "report_to": report_to, "run_name": run_name,
+            "publish": str(publish) if publish else None}
+
+
+# --------------------------------------------------------------------------------------------- the launcher
+def torchrun_args(job_file: Path, nproc: int, log_dir: Path, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                  rdzv_id: str | None = None, is_host: bool = True) -> list[str]:
+    """torchrun's arguments: tee every rank's output (prefixed by rank), no restarts (we resume ourselves)."""
+    args = ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--tee", "3", "--log-dir", str(log_dir)]
+    if nnodes == 1 and not rdzv_endpoint:
+        args += ["--standalone", "--nnodes", "1"]
+    else:
+        args += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+                 "--rdzv-id", rdzv_id or "sft-train", "--rdzv-conf", f"is_host={int(is_host)}"]
+    return args + ["-m", "sft_pipeline.rank_train", str(job_file)]
+
+
+def _spawn(targs: list[str], failures: Path, env: dict | None) -> subprocess.Popen:
+    """torchrun through our wrapper (it turns torchrun's ChildFailedError into ``failures``), in its own group,
+    killed by the kernel when this process dies (PR_SET_PDEATHSIG): no rank outlives the stage that started it."""
+    def die_with_parent():
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
+    return subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "torchrun", str(failures), *targs],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=full_env,
+                            start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the launcher's group (torchrun and every rank), SIGKILL to what is left after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            if sig == signal.SIGKILL:
+                return
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # the launcher is gone; ranks of its group may linger a moment
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _emit(logger: logging.Logger, line: str) -> None:
+    m = _LINE.match(line)
+    if m:
+        logger.log(getattr(logging, m.group(2)), "%s", line)
+    elif line.startswith("[rank "):
+        logger.info("%s", line)
+    elif line.strip():
+        logger.info("[launcher] %s", line)
+
+
+def _latest_heartbeat(work: Path) -> float | None:
+    beats = [p.stat().st_mtime for p in (work / HEARTBEATS).glob("rank-*")] if (work / HEARTBEATS).is_dir() else []
+    return max(beats) if beats else None
+
+
+def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: float, timeout_s: float | None,
+          stall_s: float | None) -> tuple[int, str | None, list[str]]:
+    """Stream the group's output into ``logger`` until it exits or the watchdog stops it. Returns (exit code,
+    the watchdog's reason or None, the last lines)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name="rank-output").start()
+    tail: list[str] = []
+    reason = None
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line:
+            _emit(logger, line)
+            tail = (tail + [line])[-40:]
+        now = time.time()
+        if timeout_s is not None and now - started > timeout_s:
+            reason = f"the ranks did not finish within {timeout_s:.0f} s"
+        beat = _latest_heartbeat(work)
+        if reason is None and stall_s is not None and beat is not None and beat >= started and now - beat > stall_s:
+            reason = f"no rank made progress for {now - beat:.0f} s (watchdog: {stall_s:.0f} s)"
+        if reason:
+            logger.warning("train: %s; stopping the process group", reason)
+            _stop(proc)
+            break
+    return proc.wait(), reason, tail
+
+
+def explain(failures: dict, world: int, timeout_minutes: float) -> Exception:
+    """The first real failure among the ranks' failures (one line naming the rank), as RankFailure/RankLost or the
+    out-of-memory error. Symptoms rank last: a rank that only lost its peers, or one that torchrun stopped
+    (SIGTERM) after another failed; a rank failing on its own or killed otherwise is the cause."""
+    def own(item):
+        rank, f = item
+        code = f.get("exitcode", 1)
+        symptom = 2 if code > 0 and _PEER_GONE.search(f.get("message") or "") else 1 if code == -15 else 0
+        return (symptom, f.get("timestamp", 0), int(rank))
+
+    rank, f = sorted(failures.items(), key=own)[0]
+    msg = (f.get("message") or "").strip().splitlines()[0][:400] if f.get("message") else ""
+    code = f.get("exitcode")
+    where = f"train: rank {rank} of {world}"
+    if code is not None and code < 0:
+        name = f.get("signal") or f"signal {-code}"
+        return RankLost(f"{where} was killed by {name} (exit code {code}); the other ranks were stopped")
+    if "out of memory" in msg.lower() or msg.startswith("OutOfMemoryError"):
+        import torch
+
+        return torch.OutOfMemoryError(f"{where}: {msg}")
+    if _PEER_GONE.search(msg):
+        hint = (f" (training.collective_timeout_minutes={timeout_minutes:g})" if "time" in msg.lower() else "")
+        return RankLost(f"{where} lost the other ranks{hint}: {msg}; if a rank on another node failed first, its "
+                        "node's log says why")
+    return RankFailure(f"{where} failed: {msg or f'exit code {code}'}")
+
+
+def multinode_from_env() -> dict:
+    """Several machines, as the multi-node job template sets them for the flow's pod: ``SFT_PIPELINE_NODES``
+    (``<nodes>x<gpus_per_node>``), ``SFT_PIPELINE_RDZV_ENDPOINT`` (host:port of the flow's pod),
+    ``SFT_PIPELINE_RDZV_ID`` (the same on every pod) and ``SFT_PIPELINE_PUBLISH`` (a file on the shared store that
+    the other pods' ``launch node`` watch)."""
+    topology = os.environ.get("SFT_PIPELINE_NODES", "").strip()
+    m = re.fullmatch(r"(\d+)x(\d+)", topology) if topology else None
+    if topology and not m:
+        raise StageFailure(f"train: SFT_PIPELINE_NODES={topology!r} must look like <nodes>x<gpus_per_node>, e.g. 2x8")
+    nnodes = int(m.group(1)) if m else 1
+    if nnodes <= 1:
+        return {"nnodes": 1}
+    missing = [v for v in ("SFT_PIPELINE_RDZV_ENDPOINT", "SFT_PIPELINE_RDZV_ID", "SFT_PIPELINE_PUBLISH")
+               if not os.environ.get(v)]
+    if missing:
+        raise StageFailure(f"train: SFT_PIPELINE_NODES={topology} needs {', '.join(missing)} set too")
+    return {"nnodes": nnodes, "rdzv_endpoint": os.environ["SFT_PIPELINE_RDZV_ENDPOINT"],
+            "rdzv_id": os.environ["SFT_PIPELINE_RDZV_ID"], "publish": os.environ["SFT_PIPELINE_PUBLISH"]}
+
+
+def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: int | None = None,
+              rdzv_endpoint: str | None = None, rdzv_id: str | None = None, timeout_s: float | None = None,
+              stall_s: float | None = None, env: dict | None = None) -> dict:
+    """Train with ``nproc`` processes per node (``nnodes`` nodes); resume from the last sealed checkpoint in
+    ``job["work"]``; return the training metrics rank 0 wrote into ``job["out"]``.
+
+    ``job``: what ``rank_train`` reads (paths and config sections; no secret: the HF token goes by ``env``
+    under ``TOKEN_ENV``). ``stall_s`` defaults to the collective timeout plus 10 minutes. ``nnodes`` None: from
+    the environment (``multinode_from_env``), one node unless the multi-node job template says otherwise.
+    """
+    from sft_pipeline.trainer import last_checkpoint
+
+    if nnodes is None:
+        multi = multinode_from_env()
+        nnodes = multi["nnodes"]
+        rdzv_endpoint, rdzv_id = multi.get("rdzv_endpoint", rdzv_endpoint), multi.get("rdzv_id", rdzv_id)
+        job = {**job, "publish": multi.get("publish", job.get("publish"))}
+
+    work, out = Path(job["work"]), Path(job["out"])
+    work.mkdir(parents=True, exist_ok=True)
+    world = nproc * nnodes
+    training = job["training"]
+    timeout_min = training.get("collective_timeout_minutes", 30)
+    stall_s = stall_s if stall_s is not None else timeout_min * 60 + 600
+    batch = _rank_batch(work)
+    if batch and batch.get("world_size") != world:
+        batch = None  # a fallback made for another number of processes: plan afresh
+    attempt = 0
+    while True:
+        attempt += 1
+        resume = last_checkpoint(work)
+        before = checkpoint_world_size(resume)
+        if resume and before != world:
+            if training.get("strategy") == "fsdp":
+                raise StageFailure(f"train: {Path(resume).name} holds FSDP shards of {before} process(es); resume it "
+                                   f"with training.num_processes={before} (or delete {work} to start over)")
+            logger.warning("train: resuming from %s, written by %d process(es), with %d now: the data order from here "
+                           "on differs from an uninterrupted run (same effective batch and optimizer state)",
+                           Path(resume).name, before, world)
+        elif resume:
+            logger.info("train: resuming from %s", Path(resume).name)
+        job_file = work / "rank-job.json"
+        _write_json(job_file, {**job, "resume": resume, "world_size": world, "attempt": attempt,
+                               "batch": {k: batch[k] for k in ("per_device_batch_size", "gradient_accumulation_steps")}
+                               if batch else None, "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])})
+        if job.get("publish"):  # the other nodes' `launch node` wait for this file, then join the rendezvous
+            Path(job["publish"]).parent.mkdir(parents=True, exist_ok=True)
+            _write_json(Path(job["publish"]), {"job": str(job_file), "attempt": attempt, "nproc": nproc,
+                                               "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id})
+        failures = work / f"failures-{attempt}.json"
+        failures.unlink(missing_ok=True)
+        rid = f"{rdzv_id}-{attempt}" if rdzv_id else None
+        targs = torchrun_args(job_file, nproc, work / "torchrun-logs", nnodes, rdzv_endpoint, rid, is_host=True)
+        logger.info("train: launching %d process(es)%s with torchrun (%s)", world,
+                    f" on {nnodes} nodes" if nnodes > 1 else "", training.get("strategy", "ddp"))
+        started = time.time()
+        proc = _spawn(targs, failures, env)
+        try:
+            code, reason, tail = _wait(proc, logger, work, started, timeout_s, stall_s)
+        finally:
+            _stop(proc)  # whatever happened, no rank of this group survives
+        if code == 0 and reason is None and (out / "train_metrics.json").is_file():
+            return json.loads((out / "train_metrics.json").read_text())
+        if reason:
+            raise RankLost(f"train: {reason} ({world} processes); the group was stopped")
+        if not failures.is_file():
+            last = next((ln for ln in reversed(tail) if ln.strip()), "")
+            raise RankLost(f"train: the launcher exited with code {code} and no rank failure recorded: {last[:300]}")
+        exc = explain(json.loads(failures.read_text()), world, timeout_min)
+        if not is_oom(exc):
+            raise exc
+        plan = json.loads((work / "rank-plan.json").read_text()) if (work / "rank-plan.json").is_file() else {}
+        micro = plan.get("per_device_batch_size", 1)
+        batch = _halve(work, batch, micro, plan.get("gradient_accumulation_steps", 1), world, None, str(exc))
+        logger.warning("train: %s; restarting all ranks from the last checkpoint at micro-batch %d x accumulation %d "
+                       "per rank (same effective batch)", exc, batch["per_device_batch_size"],
+                       batch["gradient_accumulation_steps"])
+
+
+# --------------------------------------------------------------------------------------------- command line
+def _torchrun_main(failures: str, targs: list[str]) -> int:
+    """torchrun itself (``torch.distributed.run``), with its ChildFailedError kept as JSON for ``explain``."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.run(torchrun.parse_args(targs))
+        return 0
+    except ChildFailedError as e:
+        record = {}
+        for rank, f in e.failures.items():
+            message = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
+            if message.startswith("To enable traceback"):
+                message = ""
+            record[str(rank)] = {"exitcode": f.exitcode, "message": message, "timestamp": f.timestamp,
+                                 "signal": f.signal_name() if f.exitcode < 0 else None, "error_file": f.error_file,
+                                 "local_rank": f.local_rank, "pid": f.pid}
+        _write_json(Path(failures), record)
+        return 1
+
+
+def node_main(publish: str, node_timeout_s: float) -> int:
+    """A node other than the flow's: join every attempt the flow's node publishes, until this pod is stopped
+    (the Job's successPolicy ends it when the flow's pod succeeds)."""
+    path, seen, waited = Path(publish), 0, time.time()
+    while True:
+        spec = json.loads(path.read_text()) if path.is_file() else None
+        if spec and spec["attempt"] > seen:
+            seen = spec["attempt"]
+            targs = torchrun_args(Path(spec["job"]), spec["nproc"], Path(spec["job"]).parent / "torchrun-logs",
+                                  spec["nnodes"], spec["rdzv_endpoint"], f"{spec['rdzv_id']}-{seen}", is_host=False)
+            proc = _spawn(targs, Path(spec["job"]).parent / f"failures-node-{os.getpid()}-{seen}.json", None)
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+            proc.wait()
+            waited = time.time()
+        elif time.time() - waited > node_timeout_s:
+            print(f"no training job published at {path} for {node_timeout_s:.0f} s; exiting", flush=True)
+            return 0
+        time.sleep(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:  # internal: run_ranks' child
+        return _torchrun_main(argv[1], argv[2:])
+    p = argparse.ArgumentParser(prog="python -m sft_pipeline.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    n = sub.add_parser("node", help="a non-flow node of a multi-node training: join what the flow's node publishes")
+    n.add_argument("--publish", required=True, help="the file the flow's node publishes (on the shared store)")
+    n.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this long without a job (s)")
+    a = p.parse_args(argv)
+    return node_main(a.publish, a.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
