@@ -337,3 +337,19 @@ def test_scaling_dry_run_same_effective_batch_same_losses(tmp_path):
     assert one["batch"] == "4x2" and two["batch"] == "4x1"  # micro x accumulation (x 2 ranks) = 8 either way
     assert len(one["losses"]) == 4 and all(math.isclose(x, y, abs_tol=2e-3) for x, y in zip(one["losses"], two["losses"]))
     assert "efficiency" in proc.stdout
+
+
+def test_the_flow_trains_with_two_processes_and_one_process_reuses_it(tmp_path):
+    """The tiny recipe through the CLI with two ranks (gloo), then again with one: the process count is not in the
+    train key, so every stage is reused. ~2-3 min here."""
+    from tests.conftest import STAGES, run_flow
+
+    store = tmp_path / "store"
+    proc, summary = run_flow(store, "training.num_processes=2", "training.device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [summary["stages"][s]["state"] for s in STAGES] == ["Completed"] * 7
+    assert summary["train"]["world_size"] == 2 and summary["train"]["effective_batch"] == 8
+    assert summary["eval"]["tuned"]["eval_loss"] < 0.5 * summary["eval"]["base"]["eval_loss"], summary["eval"]
+    proc, again = run_flow(store, "training.num_processes=1", "training.device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [again["stages"][s]["state"] for s in STAGES] == ["Cached"] * 7
