@@ -213,10 +213,19 @@ def _fast_loss(trainer_cls, head: str):
             if head == "liger":
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
+                # the forward goes through ``model`` as given (under DDP its wrapper, which syncs the gradients;
+                # calling the inner model would skip that), with the LM head out of it for this call: the
+                # "logits" it returns are the final hidden states, and the fused loss applies the head's weight
                 base = self.accelerator.unwrap_model(model).get_base_model()
-                hidden = base.model(**rest, use_cache=False).last_hidden_state[:, :-1]
+                head_layer = base.lm_head
+                base.lm_head = torch.nn.Identity()
+                try:
+                    # (accelerate's mixed precision returns a wrapped model's outputs in float32)
+                    hidden = model(**rest, use_cache=False).logits[:, :-1].to(head_layer.weight.dtype)
+                finally:
+                    base.lm_head = head_layer
                 flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
-                loss = flce(base.lm_head.weight, hidden.reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)) / n
+                loss = flce(head_layer.weight, hidden.reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)) / n
             else:
                 out = model(**inputs, use_cache=False, fused_lm_head=True)
                 loss = -out.log_probs.sum() / n
@@ -486,6 +495,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     optim = "adamw_torch_fused" if device == "cuda" and training.optim == "adamw_torch" else training.optim
     liger = _liger(training, device)
     head = speed["head"] if speed["head"] != "auto" else ("liger" if liger else "lean") if device == "cuda" else "trl"
+    if head == "liger" and "fsdp" in (parallel or {}):  # FSDP holds the head's weight sharded outside its forward
+        head = "lean"
     args = SFTConfig(
         output_dir=output_dir, max_length=max_length, packing=training.packing,
         num_train_epochs=training.epochs, max_steps=training.max_steps,
