@@ -103,7 +103,7 @@ def torchrun_args(job_file: Path, nproc: int, log_dir: Path, nnodes: int = 1, rd
     return args + ["-m", "sft_pipeline.rank_train", str(job_file)]
 
 
-def _spawn(targs: list[str], failures: Path, env: dict | None) -> subprocess.Popen:
+def _spawn(targs: list[str], failures: Path, env: dict | None, nproc: int = 1) -> subprocess.Popen:
     """torchrun through our wrapper (it turns torchrun's ChildFailedError into ``failures``), in its own group,
     killed by the kernel when this process dies (PR_SET_PDEATHSIG): no rank outlives the stage that started it."""
     def die_with_parent():
@@ -112,6 +112,8 @@ def _spawn(targs: list[str], failures: Path, env: dict | None) -> subprocess.Pop
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                # torchrun sets 1 thread per rank when unset; the ranks share this machine's cores instead
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc)),
                 "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
     return subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "torchrun", str(failures), *targs],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=full_env,
@@ -152,6 +154,19 @@ def _latest_heartbeat(work: Path) -> float | None:
     return max(beats) if beats else None
 
 
+def _dump_stacks(work: Path) -> None:
+    """SIGUSR1 to every live rank of this work dir: ``rank_train`` prints all its threads' stacks (faulthandler),
+    so a hang says where each rank waited. Only processes that are ranks get the signal (pids are reused)."""
+    beats = (work / HEARTBEATS).glob("rank-*") if (work / HEARTBEATS).is_dir() else []
+    for beat in beats:
+        try:
+            pid = int(beat.read_text().strip())
+            if b"sft_pipeline.rank_train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGUSR1)
+        except (ValueError, OSError):
+            continue
+
+
 def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: float, timeout_s: float | None,
           stall_s: float | None) -> tuple[int, str | None, list[str]]:
     """Stream the group's output into ``logger`` until it exits or the watchdog stops it. Returns (exit code,
@@ -165,7 +180,7 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
 
     threading.Thread(target=read, daemon=True, name="rank-output").start()
     tail: list[str] = []
-    reason = None
+    reason = dump_until = None
     while True:
         try:
             line = lines.get(timeout=1.0)
@@ -182,8 +197,11 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
         beat = _latest_heartbeat(work)
         if reason is None and stall_s is not None and beat is not None and beat >= started and now - beat > stall_s:
             reason = f"no rank made progress for {now - beat:.0f} s (watchdog: {stall_s:.0f} s)"
-        if reason:
-            logger.warning("train: %s; stopping the process group", reason)
+        if reason and dump_until is None:
+            logger.warning("train: %s; the ranks' stacks follow, then the process group is stopped", reason)
+            _dump_stacks(work)
+            dump_until = now + 5  # the stacks arrive through the ranks' output
+        if dump_until is not None and now >= dump_until:
             _stop(proc)
             break
     return proc.wait(), reason, tail
@@ -293,7 +311,7 @@ def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: in
         logger.info("train: launching %d process(es)%s with torchrun (%s)", world,
                     f" on {nnodes} nodes" if nnodes > 1 else "", training.get("strategy", "ddp"))
         started = time.time()
-        proc = _spawn(targs, failures, env)
+        proc = _spawn(targs, failures, env, nproc)
         try:
             code, reason, tail = _wait(proc, logger, work, started, timeout_s, stall_s)
         finally:
@@ -348,7 +366,8 @@ def node_main(publish: str, node_timeout_s: float) -> int:
             seen = spec["attempt"]
             targs = torchrun_args(Path(spec["job"]), spec["nproc"], Path(spec["job"]).parent / "torchrun-logs",
                                   spec["nnodes"], spec["rdzv_endpoint"], f"{spec['rdzv_id']}-{seen}", is_host=False)
-            proc = _spawn(targs, Path(spec["job"]).parent / f"failures-node-{os.getpid()}-{seen}.json", None)
+            proc = _spawn(targs, Path(spec["job"]).parent / f"failures-node-{os.getpid()}-{seen}.json", None,
+                          spec["nproc"])
             for line in proc.stdout:
                 print(line, end="", flush=True)
             proc.wait()

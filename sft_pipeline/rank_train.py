@@ -8,9 +8,11 @@ rank's error and traceback where torchrun finds it; ``launch.explain`` turns it 
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     # one format for every rank; the launcher adds "[rank k] " and maps the level to the caller's logger
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True, format="%(levelname)s %(name)s: %(message)s")
     _watch_parent()
+    # `kill -USR1 <pid>` (and the launcher's watchdog before it stops a hung group) prints where every thread is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if every := float(os.environ.get("SFT_PIPELINE_STACKS_EVERY", 0)):  # debugging a hang: stacks every N s
+        faulthandler.dump_traceback_later(every, repeat=True)
     work, out = Path(job["work"]), Path(job["out"])
 
     import datasets
@@ -78,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     device = job["device"]
     if device == "cuda":
         torch.cuda.set_device(local_rank)
+    if world > 1:
+        # Dynamo's DDP optimizer splits compiled graphs at DDP's bucket boundaries: it is for compiling the whole
+        # wrapped model. Here only flex attention's mask and kernels are compiled inside DDP's forward, and with it
+        # the first step compiled for minutes (both ranks in Triton, measured on 2 H200s); without it, as on one GPU.
+        import torch._dynamo
+
+        torch._dynamo.config.optimize_ddp = False
     tok = AutoTokenizer.from_pretrained(job["tokenizer"])
     train_ds = datasets.Dataset.from_parquet(job["train"])
     eval_ds = datasets.Dataset.from_parquet(job["eval"]) if job.get("eval") else None

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -226,6 +227,37 @@ def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny
     assert any("written by 2 process(es), with 1 now: the data order from here on differs" in l for l in lines.lines)
     print(f"kill noticed in {took:.1f} s; resumed from step {metrics['resumed_from_step']}, "
           f"rerun {time.time() - t0:.0f} s")
+
+
+# ~45 s here idle: 2 ranks train, one is frozen (SIGSTOP) so the other waits in a collective; the watchdog stops the
+# group after `stall_s` without progress, and the waiting rank's stack (faulthandler, SIGUSR1) is in the log first
+def test_a_hung_group_is_stopped_by_the_watchdog_and_says_where_ranks_waited(tiny_inputs, tmp_path):
+    job = _job(tiny_inputs, tmp_path, steps=400, save_steps=1000)
+    work = Path(job["work"])
+    logger, lines = _logger("hang")
+    caught: list[BaseException] = []
+
+    def train():
+        try:
+            run_ranks(job, 2, logger, timeout_s=600, stall_s=8)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what the launcher raised
+            caught.append(e)
+
+    t = threading.Thread(target=train)
+    t.start()
+    deadline, beat, first = time.time() + 300, work / ".ranks" / "rank-1", None
+    while first is None or beat.stat().st_mtime <= first + 0.5:  # touched again: the rank is past a step
+        assert time.time() < deadline and t.is_alive(), lines.lines[-20:]
+        if first is None and beat.is_file():
+            first = beat.stat().st_mtime
+        time.sleep(0.2)
+    os.kill(int(beat.read_text()), signal.SIGSTOP)
+    t.join(120)
+    assert not t.is_alive() and caught
+    err = caught[0]
+    assert isinstance(err, RankLost) and "no rank made progress" in str(err) and "\n" not in str(err)
+    assert any(re.match(r"\[rank 0\] +File \".*\", line \d+ in ", line) for line in lines.lines), lines.lines[-30:]
+    assert not (tmp_path / "out" / "train_metrics.json").exists()
 
 
 def _free_port() -> int:
