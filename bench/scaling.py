@@ -125,6 +125,9 @@ def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny
                        "losses": [round(h["loss"], 4) for h in history if "loss" in h]})
     except Exception as e:  # noqa: BLE001 - a failed setting is reported in the table, the others still run
         result["error"] = f"{type(e).__name__}: {e}"[:500]
+        # every rank's own stdout/stderr files (torchrun-logs/<run>/attempt_0/<rank>/), flat, for the post-mortem
+        for f in (run_dir / "work" / "torchrun-logs").glob("*/attempt_*/*/std*.log"):
+            shutil.copyfile(f, out / f"scaling-{tag}-rank{f.parent.name}-{f.name}")
     finally:
         logger.removeHandler(handler)
         handler.close()
@@ -181,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=2, help="rounds of 1, N alternating")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per setting (the first 3 are warm-up)")
     p.add_argument("--timeout", type=float, default=420, help="seconds one setting may take")
+    p.add_argument("--no-baseline", action="store_true", help="only the N-GPU settings (when debugging them)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny recipe's model and data (a CPU dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     prep = _prepare_tiny(Path("/tmp/sft-scaling-tiny")) if a.tiny else _prepare_cuda()
     if a.device == "cuda" and prep["gpus"] < a.gpus:
         raise SystemExit(f"--gpus {a.gpus}, but this machine shows {prep['gpus']} GPU(s)")
-    plan = [(1, "ddp")] + [(a.gpus, s) for s in a.strategies]
+    plan = [(1, "ddp")] * (not a.no_baseline) + [(a.gpus, s) for s in a.strategies]
     results: list[dict] = []
     for i in range(a.runs):
         for n, strategy in plan:
