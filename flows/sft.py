@@ -209,7 +209,7 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
     checked = health.check(_history(refs), eval_metrics)
     promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=refs["format"],
                                  test_split=cfg.data.test_split, flow_run=flow_run.get_id(),
-                                 margin=cfg.evaluation.promotion_margin, tuned=refs["train"])
+                                 margin=cfg.evaluation.promotion_margin, checked=checked)
     summary = record.write(status="Completed", eval=eval_metrics, adapter=adapter.path,
                            samples=refs["generate"].file("samples.json").as_posix(), train=train_metrics,
                            promotion=promotion, health=checked,

@@ -17,11 +17,10 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 from sft_pipeline.errors import ModelSourceError
-from sft_pipeline.store import Store, digest, file_sha256
+from sft_pipeline.store import Store, digest, file_sha256, write_json_atomic
 
 log = logging.getLogger("sft_pipeline.gguf")
 PACKAGE = "package:"
@@ -77,10 +76,7 @@ def file_hash(path: Path, store: Store | None) -> str:
             pass  # unreadable record: hash again and rewrite it
     sha = file_sha256(path)
     if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**stamp, "sha256": sha}))
-        os.replace(tmp, record)  # atomic: a concurrent reader sees the old record or the new one
+        write_json_atomic(record, {**stamp, "sha256": sha})  # a concurrent reader sees the old record or the new one
     return sha
 
 

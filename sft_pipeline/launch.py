@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from sft_pipeline.errors import StageFailure, is_oom
+from sft_pipeline.store import write_json_atomic
 from sft_pipeline.parallel import checkpoint_world_size, parallel_args, resolve_num_processes, split_batch  # noqa: F401
 
 log = logging.getLogger("sft_pipeline.launch")
@@ -68,14 +69,8 @@ def _halve(work: Path, batch: dict | None, micro: int, accumulation: int, world:
     fallback = {"at_step": step, "from": {"per_device_batch_size": micro, "gradient_accumulation_steps": accumulation},
                 "to": dict(new), "world_size": world, "error": error[:300]}
     batch = {**new, "world_size": world, "oom_fallbacks": (batch or {}).get("oom_fallbacks", []) + [fallback]}
-    _write_json(work / "batch-ranks.json", batch)
+    write_json_atomic(work / "batch-ranks.json", batch)
     return batch
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def rank_job(*, train: str, eval: str | None, tokenizer: str, model_path: str, model, quantization, lora, training,
@@ -297,12 +292,12 @@ def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: in
         elif resume:
             logger.info("train: resuming from %s", Path(resume).name)
         job_file = work / "rank-job.json"
-        _write_json(job_file, {**job, "resume": resume, "world_size": world, "attempt": attempt,
+        write_json_atomic(job_file, {**job, "resume": resume, "world_size": world, "attempt": attempt,
                                "batch": {k: batch[k] for k in ("per_device_batch_size", "gradient_accumulation_steps")}
                                if batch else None, "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])})
         if job.get("publish"):  # the other nodes' `launch node` wait for this file, then join the rendezvous
             Path(job["publish"]).parent.mkdir(parents=True, exist_ok=True)
-            _write_json(Path(job["publish"]), {"job": str(job_file), "attempt": attempt, "nproc": nproc,
+            write_json_atomic(Path(job["publish"]), {"job": str(job_file), "attempt": attempt, "nproc": nproc,
                                                "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id})
         failures = work / f"failures-{attempt}.json"
         failures.unlink(missing_ok=True)
@@ -352,7 +347,7 @@ def _torchrun_main(failures: str, targs: list[str]) -> int:
             record[str(rank)] = {"exitcode": f.exitcode, "message": message, "timestamp": f.timestamp,
                                  "signal": f.signal_name() if f.exitcode < 0 else None, "error_file": f.error_file,
                                  "local_rank": f.local_rank, "pid": f.pid}
-        _write_json(Path(failures), record)
+        write_json_atomic(Path(failures), record)
         return 1
 
 

@@ -128,16 +128,20 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
 
 def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
              test_split: str, flow_run: str | None = None, margin: float = DEFAULT_MARGIN,
-             tuned: ArtifactRef | None = None) -> dict:
+             tuned: ArtifactRef | None = None, checked: dict | None = None) -> dict:
     """Promote ``adapter`` if it beats its base by ``margin``, did not diverge (``tuned``: the train artifact, for
     its ``log_history.json``) and beats the promoted one for ``recipe``; returns the decision for the summary.
 
     The result's ``diverged`` is the reason training diverged, or None: the flow shows it as a warning.
+    ``checked``: the health check's result where the caller has it already (the flow reports it too).
     """
     m = metrics.read_json("metrics.json")
-    history = tuned.read_json("log_history.json") if tuned is not None and tuned.file("log_history.json").is_file() \
-        else None
-    why_diverged = diverged(m, history)
+    if checked is not None:
+        why_diverged = checked["diverged_reason"]
+    else:
+        history = tuned.read_json("log_history.json") \
+            if tuned is not None and tuned.file("log_history.json").is_file() else None
+        why_diverged = diverged(m, history)
     candidate = {"recipe": recipe, "adapter": _relative(store, adapter.path), "adapter_fingerprint": adapter.fingerprint,
                  "eval_loss": m["tuned"]["eval_loss"], "base_eval_loss": m["base"]["eval_loss"],
                  "test_set": test_set_fingerprint(store, chats, test_split, m["rows"]),

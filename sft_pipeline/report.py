@@ -102,10 +102,11 @@ def _eval_section(ev: dict) -> list[str]:
     parts = [f"split `{ev['split']}`"] if ev.get("split") else []
     parts += [f"{ev['rows']:,} rows"] if ev.get("rows") else []
     lines = ["## Evaluation" + (" on " + ", ".join(parts) if parts else ""), "",
-             "| model | eval loss | perplexity |", "|---|---:|---:|"]
+             "| model | eval loss | perplexity | eval tokens/s |", "|---|---:|---:|---:|"]
     for label, m in (("base (before fine-tuning)", base), ("tuned", tuned)):
         if m:
-            lines.append(f"| {label} | {m.get('eval_loss', math.nan):.4f} | {_num(m.get('perplexity'))} |")
+            lines.append(f"| {label} | {m.get('eval_loss', math.nan):.4f} | {_num(m.get('perplexity'))} | "
+                         f"{_num(m.get('tokens_per_second'))} |")
     if "eval_loss" in base and "eval_loss" in tuned:
         delta = tuned["eval_loss"] - base["eval_loss"]
         lines += ["", f"Tuned minus base eval loss: {delta:+.4f} ({'better' if delta < 0 else 'worse'}; lower is "

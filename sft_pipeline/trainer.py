@@ -16,7 +16,7 @@ from pathlib import Path
 from sft_pipeline import faults
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrainingConfig
 from sft_pipeline.errors import StageFailure, is_oom
-from sft_pipeline.store import fsync_tree
+from sft_pipeline.store import fsync_tree, write_json_atomic
 
 log = logging.getLogger("sft_pipeline.train")
 # activation bytes per (token x hidden unit x layer) for a QLoRA step without checkpointing, measured on an H100
@@ -370,9 +370,7 @@ def _checkpoint_files(ckpt: Path) -> dict[str, dict]:
 def seal_checkpoint(ckpt: Path) -> None:
     """Flush a checkpoint Trainer just saved to disk, then mark it complete, recording each file's size and hash."""
     fsync_tree(ckpt)
-    tmp = ckpt / f".{SEALED}.tmp"
-    tmp.write_text(json.dumps({"files": _checkpoint_files(ckpt)}, indent=1))
-    os.replace(tmp, ckpt / SEALED)
+    write_json_atomic(ckpt / SEALED, {"files": _checkpoint_files(ckpt)})
     fsync_tree(ckpt)
 
 
@@ -441,9 +439,7 @@ def _halve_batch(work: Path, plan: dict, step: int, resume: str | None, error: s
     fallback = {"at_step": step, "from": {"per_device_batch_size": bs, "gradient_accumulation_steps": ga},
                 "to": dict(new), "resumed_from": Path(resume).name if resume else None, "error": error[:300]}
     plan = {**new, "oom_fallbacks": plan["oom_fallbacks"] + [fallback]}
-    tmp = Path(work) / "batch.json.tmp"
-    tmp.write_text(json.dumps(plan, indent=2))
-    os.replace(tmp, Path(work) / "batch.json")
+    write_json_atomic(Path(work) / "batch.json", plan)
     return plan
 
 

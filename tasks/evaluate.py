@@ -9,7 +9,7 @@ import math
 
 from sft_pipeline.stage import StageContext
 
-VERSION = "3"
+VERSION = "4"  # 4: eval tokens/s of the base and the tuned model
 
 
 def run(ctx: StageContext) -> dict:
@@ -39,12 +39,18 @@ def run(ctx: StageContext) -> dict:
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
     trainer = Trainer(model=peft_model, args=args, eval_dataset=ds, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # it prints each metrics dict on stdout; metrics.json has them
-    tuned_loss = trainer.evaluate()["eval_loss"]
+    tokens = sum(map(len, ds["input_ids"]))  # scored forward tokens (padding excluded)
+    tuned = trainer.evaluate()
     with peft_model.disable_adapter():
-        base_loss = trainer.evaluate()["eval_loss"]
-    metrics = {"split": test_split, "rows": len(ds),
-               "base": {"eval_loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
-               "tuned": {"eval_loss": tuned_loss, "perplexity": math.exp(min(tuned_loss, 50))}}
+        base = trainer.evaluate()
+
+    def scores(m: dict) -> dict:
+        return {"eval_loss": m["eval_loss"], "perplexity": math.exp(min(m["eval_loss"], 50)),
+                "seconds": round(m["eval_runtime"], 2), "tokens_per_second": round(tokens / max(m["eval_runtime"], 1e-9))}
+
+    metrics = {"split": test_split, "rows": len(ds), "tokens": tokens, "base": scores(base), "tuned": scores(tuned)}
+    ctx.log.info("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}", f"{tokens:,}",
+                 f"{metrics['base']['tokens_per_second']:,}", f"{metrics['tuned']['tokens_per_second']:,}")
     from sft_pipeline.answers import generation_metrics  # answers to held-out prompts, base vs tuned
 
     metrics.update(generation_metrics(peft_model, tok, chats.file(f"{test_split}.messages.parquet"),

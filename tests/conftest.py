@@ -17,10 +17,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# pytest imports this file as `conftest`, and test modules import it again as `tests.conftest`: one directory for both
+# pytest imports this file as `conftest`, and test modules import it again as `tests.conftest`: one directory for
+# both; a process the session starts that imports it too (a served flow, a worker) finds it in the environment
 _SESSION = next((m._SESSION for m in (sys.modules.get("conftest"), sys.modules.get("tests.conftest"))
-                 if getattr(m, "_SESSION", None)), None) or Path(tempfile.mkdtemp(prefix="sft-tests-"))
+                 if getattr(m, "_SESSION", None)), None) or (
+    Path(os.environ["SFT_TESTS_SESSION"]) if os.environ.get("SFT_TESTS_SESSION") else
+    Path(tempfile.mkdtemp(prefix="sft-tests-")))
+(_SESSION / "tmp").mkdir(exist_ok=True)
+os.environ.setdefault("SFT_TESTS_SESSION_OWNER", str(os.getpid()))  # the pytest process that made it removes it
 os.environ.update({
+    "SFT_TESTS_SESSION": str(_SESSION),
+    # what the session's processes put in the temporary folder (W&B's offline media and artifact folders, which
+    # it leaves behind) goes with the session's directory
+    "TMPDIR": str(_SESSION / "tmp"),
     "PREFECT_HOME": str(_SESSION / "prefect-home"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s is too short on 2 busy cores
@@ -43,7 +52,8 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("SFT_TESTS_KEEP"):
         print(f"\nkept the test session's directory: {_SESSION}")
         return
-    shutil.rmtree(_SESSION, ignore_errors=True)
+    if os.environ.get("SFT_TESTS_SESSION_OWNER") == str(os.getpid()):
+        shutil.rmtree(_SESSION, ignore_errors=True)
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -175,7 +175,14 @@ def test_probe_session_dir_is_removed(session_dir):
         pytest.skip("run by test_the_suite_leaves_nothing_in_tmp")
     (session_dir / "store").mkdir(parents=True, exist_ok=True)
     (session_dir / "store" / "weights.bin").write_bytes(b"\0" * 1024)
-    Path(probe).write_text(str(session_dir))
+    # a process of the session that imports the test helpers (as a served flow does) and writes a temporary file
+    # (as W&B does) uses the session's directory, not one of its own
+    code = "import tempfile, tests.conftest as c; print(c._SESSION); print(tempfile.mkdtemp(prefix='wandb-media-'))"
+    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    child_session, child_tmp = child.stdout.split()
+    Path(probe).write_text(json.dumps({"session": str(session_dir), "child_session": child_session,
+                                       "child_tmp": child_tmp}))
     assert False, "fails on purpose: the session directory goes also when tests fail"
 
 
@@ -184,11 +191,13 @@ def test_the_suite_leaves_nothing_in_tmp(tmp_path):
     sft-tests-* directory in TMPDIR."""
     tmpdir, probe = tmp_path / "tmp", tmp_path / "probe.txt"
     tmpdir.mkdir()
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("SFT_TESTS_")}  # a session of its own
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/test_newcomer.py::test_probe_session_dir_is_removed"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmpdir),
-                                                       "SFT_TESTS_PROBE": str(probe)})
+                          text=True, timeout=300, env={**fresh, "TMPDIR": str(tmpdir), "SFT_TESTS_PROBE": str(probe)})
     assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout[-3000:]
-    session = Path(probe.read_text())
+    seen = json.loads(probe.read_text())
+    session = Path(seen["session"])
     assert session.parent == tmpdir and session.name.startswith("sft-tests-")
-    assert not session.exists() and not list(tmpdir.glob("sft-tests-*"))
+    assert seen["child_session"] == seen["session"] and Path(seen["child_tmp"]).is_relative_to(session)
+    assert not session.exists() and not list(tmpdir.iterdir())

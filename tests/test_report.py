@@ -25,8 +25,9 @@ SUMMARY = {
         "train": {"state": "Completed", "seconds": 63.27, "artifact": "/s/train/bb", "attempts": 2},
         "evaluate": {"state": "Completed", "seconds": 9.5, "artifact": "/s/evaluate/cc"},
     },
-    "eval": {"split": "test_sft", "rows": 20, "base": {"eval_loss": 10.37124, "perplexity": 31918.42},
-             "tuned": {"eval_loss": 0.81234, "perplexity": 2.2531}},
+    "eval": {"split": "test_sft", "rows": 20, "base": {"eval_loss": 10.37124, "perplexity": 31918.42,
+                                                       "tokens_per_second": 20512},
+             "tuned": {"eval_loss": 0.81234, "perplexity": 2.2531, "tokens_per_second": 18034}},
     "train": {"tokens_per_second": 1234.56, "tokens_per_second_warm": 1500.2, "train_seconds": 4321.0, "steps": 50,
               "estimate": {"tokens_per_second": 1450, "tokens": 2_500_000, "hours": 0.479, "cost": 1.92}},
     "adapter": "/s/save_adapter/dd",
@@ -62,8 +63,8 @@ def test_markdown_has_the_numbers_and_a_decodable_png():
     assert md.startswith("# Fine-tune `tiny`: Completed")
     assert "| train | Completed (2 attempts) | 63.3 | `/s/train/bb` |" in md
     assert "| authenticate | Cached | 0.4 | `/s/authenticate/aa` |" in md
-    assert "| base (before fine-tuning) | 10.3712 | 31,918 |" in md
-    assert "| tuned | 0.8123 | 2.253 |" in md
+    assert "| base (before fine-tuning) | 10.3712 | 31,918 | 20,512 |" in md
+    assert "| tuned | 0.8123 | 2.253 | 18,034 |" in md
     assert "-9.5589 (better" in md
     assert "1,235 tokens/s (1,500 after warm-up)" in md
     assert "1 h 12 min for 50 steps (1.20 h)" in md
