@@ -492,7 +492,8 @@ def test_ctrl_c_stops_within_seconds_with_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sft_pipeline.cli", "run", "--store", str(store), "--summary-json", str(summary),
          "--set", "training.max_steps=2000", "--set", "training.save_steps=5"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT below prints where every thread is
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:  # until training has a checkpoint
         if any(store.glob(".work/train/*/checkpoint-*")):
@@ -501,7 +502,12 @@ def test_ctrl_c_stops_within_seconds_with_one_line_and_exit_130(tmp_path):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     t0 = time.monotonic()
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        err = proc.communicate(timeout=60)[1]
+        pytest.fail(f"still running 120 s after SIGINT; its threads:\n{err[-12000:]}")
     took = time.monotonic() - t0
     assert proc.returncode == 130, err[-3000:]
     assert took < 30, took
