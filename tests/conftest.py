@@ -7,6 +7,7 @@ session ends, also when tests failed or were interrupted; ``SFT_TESTS_KEEP=1`` k
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -54,6 +55,25 @@ def pytest_sessionfinish(session, exitstatus):
         return
     if os.environ.get("SFT_TESTS_SESSION_OWNER") == str(os.getpid()):
         shutil.rmtree(_SESSION, ignore_errors=True)
+
+
+class LogLines(logging.Handler):
+    """The messages a logger got, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def capture_log(name: str) -> tuple[logging.Logger, LogLines]:
+    """A logger at INFO whose messages land in the returned handler's ``lines``."""
+    logger, handler = logging.getLogger(name), LogLines()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger, handler
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ the same inputs the train stage hands it.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, is_transient
 from sft_pipeline.launch import RankFailure, RankLost, explain, rank_job, run_ranks
 from sft_pipeline.parallel import parallel_args, resolve_num_processes, split_batch
-from tests.conftest import ROOT
+from tests.conftest import ROOT, capture_log
 
 MAX_STEPS, SAVE_STEPS = 40, 10
 
@@ -64,20 +63,8 @@ def _job(root: Path, run: Path, *overrides: str, publish: Path | None = None, st
                     device="cpu", publish=publish)
 
 
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def _logger(name: str) -> tuple[logging.Logger, Lines]:
-    logger, lines = logging.getLogger(f"test.multiprocess.{name}"), Lines()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(lines)
-    return logger, lines
+def _logger(name: str):
+    return capture_log(f"test.multiprocess.{name}")
 
 
 def _eval_loss(root: Path, adapter: Path | None) -> float:

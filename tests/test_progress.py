@@ -7,22 +7,7 @@ import re
 import pytest
 
 from sft_pipeline.progress import Progress
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def capture(name: str) -> tuple[logging.Logger, Lines]:
-    logger, handler = logging.getLogger(name), Lines()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return logger, handler
+from tests.conftest import capture_log as capture
 
 
 def test_one_line_per_logging_step_from_a_real_trainer(tmp_path):
