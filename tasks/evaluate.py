@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> dict:
                 "seconds": round(m["eval_runtime"], 2), "tokens_per_second": round(tokens / max(m["eval_runtime"], 1e-9))}
 
     metrics = {"split": test_split, "rows": len(ds), "tokens": tokens, "base": scores(base), "tuned": scores(tuned)}
-    ctx.log.info("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}", f"{tokens:,}",
+    ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}", f"{tokens:,}",
                  f"{metrics['base']['tokens_per_second']:,}", f"{metrics['tuned']['tokens_per_second']:,}")
     from sft_pipeline.answers import generation_metrics  # answers to held-out prompts, base vs tuned
 

@@ -493,7 +493,10 @@ def test_ctrl_c_stops_within_seconds_with_one_line_and_exit_130(tmp_path):
         [sys.executable, "-m", "sft_pipeline.cli", "run", "--store", str(store), "--summary-json", str(summary),
          "--set", "training.max_steps=2000", "--set", "training.save_steps=5"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT below prints where every thread is
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT below prints where every thread is
+        # as from a terminal: a pytest started in the background by a shell without job control ignores SIGINT, and
+        # a child inheriting that would never see the Ctrl-C (Python installs its handler only over the default)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:  # until training has a checkpoint
         if any(store.glob(".work/train/*/checkpoint-*")):
