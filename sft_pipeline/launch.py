@@ -106,9 +106,10 @@ def _spawn(targs: list[str], failures: Path, env: dict | None, nproc: int = 1) -
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+    full_env = {**os.environ, **(env or {})}
+    full_env = {**full_env, "PYTHONUNBUFFERED": "1",
                 # torchrun sets 1 thread per rank when unset; the ranks share this machine's cores instead
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc)),
+                "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc)),
                 "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
     return subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "torchrun", str(failures), *targs],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=full_env,

@@ -110,6 +110,19 @@ def test_config_checks_processes_and_strategy():
     assert resolve_num_processes("auto", "cpu") == 1 and resolve_num_processes(4, "cpu") == 4
 
 
+def test_ranks_share_the_cores_unless_the_caller_sets_omp_threads(monkeypatch, tmp_path):
+    from sft_pipeline import launch
+
+    seen = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **kw: seen.append(kw["env"]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 16)
+    launch._spawn([], tmp_path / "f.json", None, nproc=4)
+    launch._spawn([], tmp_path / "f.json", {"OMP_NUM_THREADS": "3"}, nproc=4)
+    assert [env["OMP_NUM_THREADS"] for env in seen] == ["4", "3"]
+    assert all(env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank ${rank}] " for env in seen)
+
+
 def test_fsdp_settings_follow_the_fsdp_qlora_recipe():
     """FSDP-QLoRA needs CUDA (bitsandbytes 4-bit + FSDP): here only its settings; the GPU run is bench/scaling.py."""
     args = parallel_args("fsdp", 5, 2, "cuda")
