@@ -77,8 +77,10 @@ def visible_gpus() -> list[str]:
     return [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()] or ["0"]
 
 
-def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, run_dir: Path) -> dict:
-    """The job every rank reads: the recipe with the bench's overrides (no checkpoints, loss every step)."""
+def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, run_dir: Path,
+             extra: list[str] = (), speed: dict | None = None) -> dict:
+    """The job every rank reads: the recipe with the bench's overrides (no checkpoints, loss every step), then
+    ``extra`` (``--set``) overrides, and ``speed`` (``--speed``: entries of ``trainer.SPEED``)."""
     from sft_pipeline.config import load_config
     from sft_pipeline.launch import rank_job
 
@@ -87,17 +89,19 @@ def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: b
                  "training.save_minutes=null", f"training.device={device}", f"training.num_processes={n}",
                  f"training.strategy={strategy}"]
     if tiny:
-        cfg = load_config("tiny", overrides + ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2"])
+        cfg = load_config("tiny", overrides + ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
+                                               *extra])
     else:
         cfg = load_config("mistral-7b-qlora", overrides + [
-            "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}"])
-    return rank_job(train=prep["train"], eval=None, tokenizer=prep["tokenizer"], model_path=prep["model"],
+            "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}", *extra])
+    job = rank_job(train=prep["train"], eval=None, tokenizer=prep["tokenizer"], model_path=prep["model"],
                     model=cfg.model, quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
                     max_length=cfg.format.max_length, work=run_dir / "work", out=run_dir / "out", device=device)
+    return {**job, "speed": speed} if speed else job
 
 
 def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, out: Path, tag: str,
-                timeout_s: float) -> dict:
+                timeout_s: float, extra: list[str] = (), speed: dict | None = None) -> dict:
     """One setting in a fresh process group; its log into ``out/scaling-<tag>.log``."""
     from sft_pipeline.launch import run_ranks
 
@@ -112,7 +116,7 @@ def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny
     result: dict = {"setting": tag, "gpus": n, "strategy": strategy}
     t0 = time.time()
     try:
-        m = run_ranks(make_job(prep, n, strategy, steps, device, tiny, run_dir), n, logger, nnodes=1,
+        m = run_ranks(make_job(prep, n, strategy, steps, device, tiny, run_dir, extra, speed), n, logger, nnodes=1,
                       timeout_s=timeout_s, env=env)
         history = json.loads((run_dir / "out" / "log_history.json").read_text())
         result.update({"tok_s": m.get("tokens_per_second_warm") or m.get("tokens_per_second"),
@@ -122,6 +126,7 @@ def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny
                        "effective_batch": m.get("effective_batch"), "peak_gpu_gib_rank0": m.get("peak_gpu_gib"),
                        "gradient_checkpointing": m.get("batch_plan", {}).get("gradient_checkpointing"),
                        "liger": m.get("liger"), "attn_implementation": m.get("attn_implementation"),
+                       "rank_plans": m.get("batch_plan", {}).get("rank_plans"),
                        "losses": [round(h["loss"], 4) for h in history if "loss" in h]})
     except Exception as e:  # noqa: BLE001 - a failed setting is reported in the table, the others still run
         result["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -185,6 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per setting (the first 3 are warm-up)")
     p.add_argument("--timeout", type=float, default=420, help="seconds one setting may take")
     p.add_argument("--no-baseline", action="store_true", help="only the N-GPU settings (when debugging them)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every setting, e.g. model.attn_implementation=sdpa (repeatable)")
+    p.add_argument("--speed", default="", metavar="K=V,...",
+                   help="trainer.SPEED entries for every setting, e.g. plan=estimate,warm=false")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny recipe's model and data (a CPU dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -199,6 +208,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.device == "cpu" and "fsdp" in strategies:
         p.error("--strategies fsdp needs CUDA (bitsandbytes 4-bit weights under FSDP)")
     a.strategies = strategies
+    from sft_pipeline.config import load_config
+    from sft_pipeline.errors import ConfigError
+    from sft_pipeline.trainer import SPEED
+
+    try:
+        load_config("tiny" if a.tiny else "mistral-7b-qlora", a.set)
+    except ConfigError as e:
+        p.error(f"--set: {e}")
+
+    a.speed_dict = {}
+    for item in filter(None, a.speed.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SPEED:
+            p.error(f"--speed: unknown {key!r} (known: {', '.join(SPEED)})")
+        a.speed_dict[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     return a
 
 
@@ -214,14 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(a.runs):
         for n, strategy in plan:
             tag = f"{n}gpu" + (f"-{strategy}" if n > 1 else "") + f"-run{i}"
-            r = run_setting(prep, n, strategy, a.steps, a.device, a.tiny, out, tag, a.timeout)
+            r = run_setting(prep, n, strategy, a.steps, a.device, a.tiny, out, tag, a.timeout, a.set, a.speed_dict)
             print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
             results.append(r)
             (out / "scaling.json").write_text(json.dumps({"machine": prep, "args": vars(a), "results": results,
                                                           "summary": summarize(results, a.gpus)}, indent=1))
     rows = summarize(results, a.gpus)
     title = (f"\n{prep['card']} ({prep['gpus']} visible), torch {prep['torch']}, effective batch "
-             f"{8 if a.tiny else EFFECTIVE_BATCH}, {a.steps} optimizer steps per setting (tok/s after the first 3)")
+             f"{8 if a.tiny else EFFECTIVE_BATCH}, {a.steps} optimizer steps per setting (tok/s after the first 3)"
+             + "".join(f"; {o}" for o in a.set) + (f"; speed {a.speed}" if a.speed else ""))
     text = table(rows, title)
     print(text)
     (out / "scaling.txt").write_text(text + "\n")

@@ -35,6 +35,39 @@ def split_batch(plan: dict, world_size: int) -> dict:
             "world_size": world_size}
 
 
+def most_cautious(plans: list[dict]) -> dict:
+    """The plan that needs the least memory: the smallest micro-batch, then the most layers checkpointed."""
+    def need(p: dict):
+        layers = p.get("checkpointed_layers") or (10**6 if p.get("gradient_checkpointing") else 0)
+        return p["per_device_batch_size"], -layers
+
+    return min(plans, key=need)
+
+
+def agree_plan(plan: dict) -> dict:
+    """Every rank's batch plan gathered; all return the most cautious one (the same on every rank).
+
+    Each rank plans from its own GPU's memory; on unevenly loaded GPUs ranks could choose different micro-batches
+    and so different accumulation counts, and then wait for each other at a collective for ever. A no-op without
+    an initialized process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plan
+    plans: list = [None] * dist.get_world_size()
+    dist.all_gather_object(plans, plan)
+    chosen = most_cautious(plans)
+    if any(p["per_device_batch_size"] != chosen["per_device_batch_size"] for p in plans):
+        import logging
+
+        logging.getLogger("sft_pipeline.train").warning(
+            "ranks planned different micro-batches (%s): every rank takes %d x accumulation %d",
+            ", ".join(f"rank {k}: {p['per_device_batch_size']}" for k, p in enumerate(plans)),
+            chosen["per_device_batch_size"], chosen["gradient_accumulation_steps"])
+    return {**chosen, "rank_plans": [p["per_device_batch_size"] for p in plans]}
+
+
 def parallel_args(strategy: str, collective_timeout_minutes: float, world_size: int, device: str) -> dict:
     """SFTConfig arguments for data parallelism (empty for one process)."""
     if world_size <= 1:

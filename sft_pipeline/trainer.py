@@ -81,8 +81,9 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # The speed levers (BENCHMARKS.md says what each gave alone on an H100). plan: "measure" (a real step's peak
 # memory decides the micro-batch) or "estimate" (a constant per token, the earlier plan); head: the LM head and
 # loss (see _fast_loss; auto: liger with Liger kernels, else lean); compile: regional torch.compile of the decoder
-# layers; cap: the largest micro-batch the measured plan may pick.
-SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP}
+# layers; cap: the largest micro-batch the measured plan may pick; warm: compile flex attention's mask for two small
+# lengths before the first step when no measured plan does (see _warm_masks).
+SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True}
 
 
 def _liger(training: TrainingConfig, device: str) -> bool:
@@ -228,7 +229,9 @@ def _fast_loss(trainer_cls, head: str):
                 loss = flce(head_layer.weight, hidden.reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)) / n
             else:
                 out = model(**inputs, use_cache=False, fused_lm_head=True)
-                loss = -out.log_probs.sum() / n
+                # summed in float32: under FSDP's bf16 mixed precision the log-probs come in bf16, and a bf16 sum
+                # over ~16k tokens rounded the logged loss to steps of 1/32 (measured on 2 H200s)
+                loss = -out.log_probs.float().sum() / n
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             if self.model.training and "position_ids" in inputs:  # trl's num_tokens metric, no device sync
@@ -283,11 +286,21 @@ def measure_step_memory(trainer, micro: int, max_length: int) -> int:
             mode.clear()
 
 
-def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: int, cap: int = MICRO_CAP) -> dict:
-    """The batch plan from two measured steps (1 and 2 packed rows): the fastest micro-batch that fits (CUDA)."""
+def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: int, cap: int = MICRO_CAP,
+                  world_size: int = 1) -> dict:
+    """The batch plan from two measured steps (1 and 2 packed rows): the fastest micro-batch that fits (CUDA).
+
+    With several ranks each measures its own GPU for its share of the effective batch (``parallel.agree_plan``
+    then makes every rank take the most cautious of their plans).
+    """
     import torch
 
     effective = training.per_device_batch_size * training.gradient_accumulation_steps
+    if world_size > 1:
+        from sft_pipeline.parallel import split_batch
+
+        effective = split_batch({"effective_batch": effective, "per_device_batch_size": 1}, world_size)[
+            "gradient_accumulation_steps"]  # this rank's share (split_batch names the error when it does not divide)
     probes = {}
     for micro in (1, 2):
         try:
@@ -308,9 +321,36 @@ def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: in
     free, _ = torch.cuda.mem_get_info()
     available = free + torch.cuda.memory_reserved()  # what this process's allocator holds is its own to use
     plan = choose_batch(effective, available, fixed, per_seq, layers, cap=cap)
+    if world_size > 1:
+        plan.update(effective_batch=effective * world_size, world_size=world_size)
     plan["measured_gib"] = {m: round(b / 2**30, 2) for m, b in probes.items()}
     plan["per_seq_gib"], plan["fixed_gib"] = round(per_seq / 2**30, 2), round(fixed / 2**30, 2)
     return plan
+
+
+def _warm_masks(trainer) -> None:
+    """Compile flex attention's block mask for two short lengths, so the first real step finds it compiled for any.
+
+    transformers builds the mask with ``torch.compile(create_block_mask)``; its first compile specializes on the
+    first length it sees and only a second length makes Dynamo recompile it for every length. A first step of
+    micro-batch 8 x 2048 packed tokens (16,384) stalled in that specialized compile for minutes on 2 H200s (both
+    ranks in Triton's LLVM passes, BENCHMARKS.md), while the measured plan's probes (2,048 then 4,096 tokens) had
+    always warmed it before training. This does the same when the plan is not measured (a given or fallen-back
+    batch). Forward only, no gradients: a second or two.
+    """
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for n in (64, 128):  # two packed sequences of n tokens, as training's packed rows come
+                ids = torch.randint(3, model.config.vocab_size, (1, 2 * n), device=model.device)
+                pos = torch.arange(n, device=model.device).repeat(2)[None]
+                model(input_ids=ids, position_ids=pos, use_cache=False)
+    finally:
+        model.train(was_training)
 
 
 def _apply_plan(trainer, plan: dict) -> None:
@@ -453,8 +493,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     ``batch`` (micro-batch, accumulation) replaces the planned one: an out-of-memory fallback's. ``speed`` replaces
     entries of ``SPEED`` (the levers measured in BENCHMARKS.md; the benchmark turns them one by one).
     Several processes (``sft_pipeline/rank_train.py``): ``world_size`` splits the effective batch over the ranks,
-    ``local_rank`` is this rank's GPU, ``parallel`` the DDP/FSDP arguments (``launch.parallel_args``); the measured
-    batch plan is for one process only (several use the split plan).
+    ``local_rank`` is this rank's GPU, ``parallel`` the DDP/FSDP arguments (``launch.parallel_args``); every rank
+    measures its own plan for its share and all take the most cautious one (``parallel.agree_plan``).
     """
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -471,7 +511,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
                    quant_storage="fsdp" in (parallel or {}))
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
     m.config.use_cache = False
-    measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure" and world_size == 1
+    measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure"
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
     plan = plan_batch(training, m.config, max_length, free)
     if measure:  # a provisional plan until a step of this very trainer is measured below
@@ -510,6 +550,9 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
         report_to=report_to, run_name=run_name, include_num_input_tokens_seen=True, use_liger_kernel=liger,
         dataloader_num_workers=0, disable_tqdm=True, **(parallel or {}),
+        # compiled decoder layers fuse norms, rotary and SwiGLU themselves, and Dynamo cannot trace Liger's
+        # autograd functions inside them (AssertionError in its RMSNorm, measured on an H200): Liger keeps the head
+        liger_kernel_config={"rms_norm": False, "rope": False, "swiglu": False} if liger and speed["compile"] else None,
     )
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                              target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
@@ -532,7 +575,14 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     if speed["compile"]:
         _compile_layers(layers)
     if measure:
-        plan = measured_plan(trainer, training, max_length, len(layers), speed["cap"])
+        plan = measured_plan(trainer, training, max_length, len(layers), speed["cap"], world_size)
+    elif speed["warm"] and device == "cuda" and m.config._attn_implementation == "flex_attention":
+        _warm_masks(trainer)
+    if world_size > 1:  # ranks that planned differently would hang at the first collective: all take one plan
+        from sft_pipeline.parallel import agree_plan
+
+        plan = agree_plan(plan)
+    if measure or world_size > 1:
         _apply_plan(trainer, plan)
         metrics["batch_plan"] = plan
     if plan.get("checkpointed_layers"):

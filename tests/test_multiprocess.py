@@ -23,7 +23,7 @@ import pytest
 from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, is_transient
 from sft_pipeline.launch import RankFailure, RankLost, explain, rank_job, run_ranks
-from sft_pipeline.parallel import parallel_args, resolve_num_processes, split_batch
+from sft_pipeline.parallel import agree_plan, most_cautious, parallel_args, resolve_num_processes, split_batch
 from tests.conftest import ROOT, capture_log
 
 MAX_STEPS, SAVE_STEPS = 40, 10
@@ -96,6 +96,48 @@ def test_batch_is_split_over_the_ranks_keeping_the_effective_batch():
     assert (big["per_device_batch_size"], big["gradient_accumulation_steps"]) == (1, 64)
     auto = split_batch({"per_device_batch_size": 4, "gradient_accumulation_steps": 4, "effective_batch": 16}, 2)
     assert (auto["per_device_batch_size"], auto["gradient_accumulation_steps"]) == (4, 2)  # micro as planned
+
+
+def _plan(micro: int, layers: int = 0, ckpt: bool = False) -> dict:
+    return {"per_device_batch_size": micro, "gradient_accumulation_steps": 8 // micro, "effective_batch": 16,
+            "checkpointed_layers": layers, "gradient_checkpointing": ckpt or bool(layers)}
+
+
+def test_the_most_cautious_plan_needs_the_least_memory():
+    assert most_cautious([_plan(8), _plan(4), _plan(8)])["per_device_batch_size"] == 4
+    assert most_cautious([_plan(1, 3), _plan(1, 12), _plan(2)])["checkpointed_layers"] == 12
+    # the estimate plan's "checkpoint everything" (no layer count) beats any selective count
+    assert most_cautious([_plan(1, 12), _plan(1, 0, ckpt=True)]) == _plan(1, 0, ckpt=True)
+
+
+def _agree_in_rank(rank: int, store: str, plans: list, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(plans))
+    try:
+        out.put((rank, agree_plan(plans[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_planned_differently_all_take_the_most_cautious_plan(tmp_path):
+    """Two gloo processes whose GPUs had different free memory: both end with micro-batch 4 (no hang later)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    plans = [_plan(8), _plan(4)]
+    procs = [ctx.Process(target=_agree_in_rank, args=(r, str(tmp_path / "store"), plans, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert got[0] == got[1]
+    assert got[0]["per_device_batch_size"] == 4 and got[0]["gradient_accumulation_steps"] == 2
+    assert got[0]["rank_plans"] == [8, 4]
+    assert agree_plan(_plan(8)) == _plan(8)  # one process, no group: unchanged
 
 
 def test_config_checks_processes_and_strategy():
@@ -342,9 +384,16 @@ def test_scaling_bench_arguments_and_table():
     a = scaling.parse_args(["--gpus", "4", "--strategies", "ddp,fsdp", "--out", "/x"])
     assert (a.gpus, a.strategies, a.device, a.runs) == (4, ["ddp", "fsdp"], "cuda", 2)
     for bad in (["--gpus", "3"], ["--gpus", "1"], ["--strategies", "zero3"], ["--device", "cpu"],
-                ["--device", "cpu", "--tiny", "--strategies", "fsdp"]):
+                ["--device", "cpu", "--tiny", "--strategies", "fsdp"], ["--speed", "turbo=1"],
+                ["--set", "model.attn_implementation=fastest"]):
         with pytest.raises(SystemExit):
             scaling.parse_args(bad)
+    a = scaling.parse_args(["--speed", "plan=estimate,warm=false,cap=4", "--set", "model.attn_implementation=sdpa"])
+    assert a.speed_dict == {"plan": "estimate", "warm": False, "cap": 4}
+    job = scaling.make_job({"model": "/m", "train": "/t.parquet", "tokenizer": "/m"}, 2, "ddp", 5, "cuda", False,
+                           Path("/r"), a.set, a.speed_dict)
+    assert job["model"]["attn_implementation"] == "sdpa" and job["speed"] == a.speed_dict
+    assert job["training"]["num_processes"] == 2 and job["training"]["max_steps"] == 5
     results = [{"setting": "1gpu-run0", "gpus": 1, "strategy": "ddp", "tok_s": 9000.0, "per_device_batch_size": 4,
                 "gradient_accumulation_steps": 4, "peak_gpu_gib_rank0": 30.0, "losses": [2.0, 1.5]},
                {"setting": "2gpu-ddp-run0", "gpus": 2, "strategy": "ddp", "tok_s": 16200.0, "per_device_batch_size": 4,
