@@ -17,6 +17,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``measured``: ``old`` with the measured batch plan alone (cap 4, trl's head)
 - ``mb8``: the default with the measured plan allowed up to micro-batch 8; ``compile``: the default with regional
   ``torch.compile`` of the decoder layers
+- ``nodrop``: the default with LoRA dropout 0: the most that applying dropout once per input (instead of once per
+  adapted module: q/k/v read the same input) could gain; not a recipe change (dropout regularizes)
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
 
 All: nf4 + double quant, bf16 compute, LoRA r64 α16 dropout 0.1 on q/k/v/o, SDPA (flash-attn if installed for
@@ -37,7 +39,8 @@ MODEL_DIR = Path("/dev/shm/sft-bench/mistral-7b")
 TOKENIZER = os.environ.get("SFT_BENCH_TOKENIZER")  # a saved tokenizer (the GPU machine lacks mistral-common)
 SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate", "head": "lean"},
           "ligerhead": {"plan": "estimate", "head": "liger"}, "measured": {"head": "trl", "cap": 4},
-          "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}}
+          "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {}}
+OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"]}
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
 EFFECTIVE_BATCH = 16
@@ -120,7 +123,7 @@ def run_one(setting: str) -> dict:
             "model.source=local", f"model.name={MODEL_DIR}", f"training.max_steps={steps}", "training.logging_steps=1",
             "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}",
             "training.eval_strategy=no", "training.save_steps=100000", "training.save_minutes=null",
-            *(["model.attn_implementation=flex_attention"] if setting == "project-flex" else [])])
+            *OVERRIDES.get(setting.split("@")[0], [])])
         trainer, metrics = build_trainer(ds, None, tok, str(MODEL_DIR), cfg.model, cfg.quantization, cfg.lora,
                                          cfg.training, cfg.format.max_length, out, "cuda",
                                          extra_callbacks=[_timer(result)], speed=speed)
