@@ -65,3 +65,41 @@ def test_lean_head_gives_trls_loss(tmp_path):
         trainer.model.train()
         losses[head] = trainer.compute_loss(trainer.model, batch, num_items_in_batch=30).item()
     assert losses["lean"] == pytest.approx(losses["trl"], rel=1e-5)
+
+
+# ~30 s here (two small CPU compiles): the mechanism behind the 2-GPU first-step stall's fix
+def test_mask_warm_up_leaves_flex_attention_compiled_for_any_length():
+    """After ``_warm_masks`` a new, long packed length runs without compiling again (what a first step of 16,384
+    tokens needs: compiled for that length alone it stalled for minutes on GPUs); one length alone is not enough."""
+    import types
+
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft_pipeline.trainer import _warm_masks
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    model.config._attn_implementation = "flex_attention"
+
+    def packed_forward(n: int) -> int:
+        """Compiled graphs made by a forward of two packed sequences of n tokens."""
+        before = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 1000, (1, 2 * n)), position_ids=torch.arange(n).repeat(2)[None],
+                  use_cache=False)
+        return counters["stats"]["unique_graphs"] - before
+
+    try:
+        assert packed_forward(96) > 0  # one length seen: compiled for that length only
+        assert packed_forward(512) > 0  # so a new length compiles again
+        torch._dynamo.reset()
+        model.train()
+        _warm_masks(types.SimpleNamespace(model=model))
+        assert model.training  # the warm-up leaves the mode as it was
+        assert packed_forward(1024) == 0 and packed_forward(700) == 0
+    finally:
+        torch._dynamo.reset()
