@@ -17,6 +17,7 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``measured``: ``old`` with the measured batch plan alone (cap 4, trl's head)
 - ``mb8``: the default with the measured plan allowed up to micro-batch 8; ``compile``: the default with regional
   ``torch.compile`` of the decoder layers
+- ``workers2``: the default with 2 data-loader processes collating the next micro-batches during the step
 - ``nodrop``: the default with LoRA dropout 0: the most that applying dropout once per input (instead of once per
   adapted module: q/k/v read the same input) could gain; not a recipe change (dropout regularizes)
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
@@ -39,7 +40,8 @@ MODEL_DIR = Path("/dev/shm/sft-bench/mistral-7b")
 TOKENIZER = os.environ.get("SFT_BENCH_TOKENIZER")  # a saved tokenizer (the GPU machine lacks mistral-common)
 SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate", "head": "lean"},
           "ligerhead": {"plan": "estimate", "head": "liger"}, "measured": {"head": "trl", "cap": 4},
-          "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {}}
+          "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {},
+          "workers2": {"workers": 2}}
 OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"]}
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)

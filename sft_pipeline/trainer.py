@@ -82,8 +82,9 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # memory decides the micro-batch) or "estimate" (a constant per token, the earlier plan); head: the LM head and
 # loss (see _fast_loss; auto: liger with Liger kernels, else lean); compile: regional torch.compile of the decoder
 # layers; cap: the largest micro-batch the measured plan may pick; warm: compile flex attention's mask for two small
-# lengths before the first step when no measured plan does (see _warm_masks).
-SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True}
+# lengths before the first step when no measured plan does (see _warm_masks); workers: data-loader processes that
+# collate the next micro-batches while the GPU trains (CUDA only; 0 = in the training process, as measured so far).
+SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0}
 
 
 def _liger(training: TrainingConfig, device: str) -> bool:
@@ -549,7 +550,9 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         save_strategy="steps", save_steps=training.save_steps, save_total_limit=training.save_total_limit,
         eval_strategy=training.eval_strategy, eval_steps=training.eval_steps,
         report_to=report_to, run_name=run_name, include_num_input_tokens_seen=True, use_liger_kernel=liger,
-        dataloader_num_workers=0, disable_tqdm=True, **(parallel or {}),
+        dataloader_num_workers=speed["workers"] if device == "cuda" else 0,
+        dataloader_persistent_workers=bool(speed["workers"]) and device == "cuda", disable_tqdm=True,
+        **(parallel or {}),
         # compiled decoder layers fuse norms, rotary and SwiGLU themselves, and Dynamo cannot trace Liger's
         # autograd functions inside them (AssertionError in its RMSNorm, measured on an H200): Liger keeps the head
         liger_kernel_config={"rms_norm": False, "rope": False, "swiglu": False} if liger and speed["compile"] else None,
