@@ -217,7 +217,8 @@ class TrainingConfig(Section):
     use_liger_kernel: bool | Literal["auto"] = Field("auto", description="auto: on CUDA when liger-kernel is installed")
     # several processes (sft_pipeline/launch.py): not part of the train key, the effective batch stays the recipe's
     num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="data-parallel processes (torchrun); auto: "
-                                                                      "one per visible GPU (1 on CPU)")
+                                                                      "one per visible GPU, at most as many as divide "
+                                                                      "the effective batch (1 on CPU)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: one 4-bit copy per GPU; fsdp: shard the "
                                                                 "model over the GPUs (for what does not fit one)")
     collective_timeout_minutes: float = Field(30, gt=0, description="a rank waiting this long on the others fails "

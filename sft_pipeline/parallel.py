@@ -9,15 +9,26 @@ from pathlib import Path
 from sft_pipeline.errors import StageFailure
 
 
-def resolve_num_processes(num_processes: int | str, device: str) -> int:
-    """``auto``: one process per visible GPU (``CUDA_VISIBLE_DEVICES`` counts), one on CPU."""
+def resolve_num_processes(num_processes: int | str, device: str, effective_batch: int | None = None,
+                          logger=None) -> int:
+    """``auto``: one process per visible GPU (``CUDA_VISIBLE_DEVICES`` counts), one on CPU.
+
+    With ``effective_batch`` given, ``auto`` takes the most GPUs that divide it (3 GPUs, effective batch 16: 2), and
+    says so through ``logger``; an explicit N is checked by the config already.
+    """
     if num_processes != "auto":
         return int(num_processes)
     if device != "cuda":
         return 1
     import torch
 
-    return max(torch.cuda.device_count(), 1)
+    gpus = max(torch.cuda.device_count(), 1)
+    n = max(d for d in range(1, gpus + 1) if not effective_batch or effective_batch % d == 0)
+    if n < gpus and logger is not None:
+        logger.warning("train: training.num_processes=auto uses %d of the %d visible GPUs (%d does not divide the "
+                       "effective batch %d; set training.gradient_accumulation_steps so that it does)", n, gpus, gpus,
+                       effective_batch)
+    return n
 
 
 def split_batch(plan: dict, world_size: int) -> dict:

@@ -152,6 +152,18 @@ def test_config_checks_processes_and_strategy():
     assert resolve_num_processes("auto", "cpu") == 1 and resolve_num_processes(4, "cpu") == 4
 
 
+def test_auto_takes_the_most_gpus_that_divide_the_effective_batch(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    logger, lines = capture_log("test.auto")
+    assert resolve_num_processes("auto", "cuda", 16, logger) == 2
+    assert any("uses 2 of the 3 visible GPUs" in ln and "effective batch 16" in ln for ln in lines.lines)
+    assert resolve_num_processes("auto", "cuda", 12) == 3 and resolve_num_processes("auto", "cuda") == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_num_processes("auto", "cuda", 16) == 8 and resolve_num_processes("auto", "cuda", 12) == 6
+
+
 def test_ranks_share_the_cores_unless_the_caller_sets_omp_threads(monkeypatch, tmp_path):
     from sft_pipeline import launch
 
