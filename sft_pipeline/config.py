@@ -225,13 +225,18 @@ class TrainingConfig(Section):
                                                                     "the stage instead of hanging")
     price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate before training")
 
+    @property
+    def effective_batch(self) -> int:
+        """Sequences per optimizer step in all: what the batch plan and the ranks keep equal."""
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
     @model_validator(mode="after")
     def _parallel(self):
         n = self.num_processes
         if self.strategy == "fsdp" and n == 1:
             raise ValueError("training.strategy=fsdp shards the model over several processes: set "
                              "training.num_processes to 2 or more (or auto on a multi-GPU machine)")
-        effective = self.per_device_batch_size * self.gradient_accumulation_steps
+        effective = self.effective_batch
         if isinstance(n, int) and effective % n:
             raise ValueError(f"training.num_processes={n} must divide the effective batch (per_device_batch_size x "
                              f"gradient_accumulation_steps = {effective}) so that every process gets the same share")

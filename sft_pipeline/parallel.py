@@ -4,9 +4,12 @@ Shared by ``trainer.build_trainer`` (the per-rank batch, the arguments) and ``la
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sft_pipeline.errors import StageFailure
+
+log = logging.getLogger("sft_pipeline.train")
 
 
 def resolve_num_processes(num_processes: int | str, device: str, effective_batch: int | None = None,
@@ -70,9 +73,7 @@ def agree_plan(plan: dict) -> dict:
     dist.all_gather_object(plans, plan)
     chosen = most_cautious(plans)
     if any(p["per_device_batch_size"] != chosen["per_device_batch_size"] for p in plans):
-        import logging
-
-        logging.getLogger("sft_pipeline.train").warning(
+        log.warning(
             "ranks planned different micro-batches (%s): every rank takes %d x accumulation %d",
             ", ".join(f"rank {k}: {p['per_device_batch_size']}" for k, p in enumerate(plans)),
             chosen["per_device_batch_size"], chosen["gradient_accumulation_steps"])

@@ -157,7 +157,7 @@ def planned_tokens(training, stats: dict) -> int:
     (steps x effective batch x mean conversation length)."""
     tokens = stats["tokens"] * training.epochs
     if training.max_steps > 0:
-        per_step = training.per_device_batch_size * training.gradient_accumulation_steps * stats["mean"]
+        per_step = training.effective_batch * stats["mean"]
         tokens = min(tokens, training.max_steps * per_step)
     return int(tokens)
 

@@ -30,7 +30,7 @@ MARGIN_MIN = 2 * 2**30
 
 def plan_batch(training: TrainingConfig, model_config, max_length: int, free_bytes: int | None) -> dict:
     """Micro-batch, accumulation and checkpointing for the recipe's effective batch and the memory there is."""
-    effective = training.per_device_batch_size * training.gradient_accumulation_steps
+    effective = training.effective_batch
     plan = {"per_device_batch_size": training.per_device_batch_size, "gradient_checkpointing":
             training.gradient_checkpointing, "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "effective_batch": effective, "auto": False}
@@ -296,12 +296,7 @@ def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: in
     """
     import torch
 
-    effective = training.per_device_batch_size * training.gradient_accumulation_steps
-    if world_size > 1:
-        from sft_pipeline.parallel import split_batch
-
-        effective = split_batch({"effective_batch": effective, "per_device_batch_size": 1}, world_size)[
-            "gradient_accumulation_steps"]  # this rank's share (split_batch names the error when it does not divide)
+    effective = training.effective_batch // world_size  # this rank's share (build_trainer's split checked it)
     probes = {}
     for micro in (1, 2):
         try:
@@ -323,7 +318,7 @@ def measured_plan(trainer, training: TrainingConfig, max_length: int, layers: in
     available = free + torch.cuda.memory_reserved()  # what this process's allocator holds is its own to use
     plan = choose_batch(effective, available, fixed, per_seq, layers, cap=cap)
     if world_size > 1:
-        plan.update(effective_batch=effective * world_size, world_size=world_size)
+        plan.update(effective_batch=training.effective_batch, world_size=world_size)
     plan["measured_gib"] = {m: round(b / 2**30, 2) for m, b in probes.items()}
     plan["per_seq_gib"], plan["fixed_gib"] = round(per_seq / 2**30, 2), round(fixed / 2**30, 2)
     return plan

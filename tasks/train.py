@@ -76,8 +76,7 @@ def run(ctx: StageContext) -> dict:
     from sft_pipeline.launch import multinode_from_env
     from sft_pipeline.parallel import resolve_num_processes
 
-    nproc = resolve_num_processes(cfg.training.num_processes, ctx.device,
-                                  cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps, ctx.log)
+    nproc = resolve_num_processes(cfg.training.num_processes, ctx.device, cfg.training.effective_batch, ctx.log)
     if nproc > 1 or multinode_from_env()["nnodes"] > 1:
         return _run_ranks(ctx, nproc)
     tokens = planned_tokens(cfg.training, chats.read_json("stats.json")[cfg.data.train_split])
