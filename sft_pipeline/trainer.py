@@ -504,7 +504,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         # (read when CUDA starts; a process that started it earlier keeps its own setting)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     m = load_model(model_path, model, quantization, device, token, training=True, device_index=local_rank,
-                   quant_storage="fsdp" in (parallel or {}))
+                   quant_storage="fsdp" in (parallel or {}), packed=training.packing)
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
     m.config.use_cache = False
     measure = device == "cuda" and training.auto_batch and not batch and speed["plan"] == "measure"
