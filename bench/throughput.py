@@ -9,9 +9,10 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 
 - ``notebook``: the seed notebook: trl SFTTrainer, packing, batch 1, gradient checkpointing (non-reentrant)
 - ``liger2``: the best plain trl setting measured before: packing, batch 2, no checkpointing, Liger kernels
-- ``project``: ``tasks.train.build_trainer`` with the ``mistral-7b-qlora`` recipe, as the flow runs it
+- ``project``: ``tasks.train.build_trainer`` with the ``mistral-7b-qlora`` recipe, as the flow runs it (attention:
+  flash-attn if installed, else PyTorch's flash-attention varlen kernel for packed rows, else flex attention)
 - ``project-flex``: the same with ``model.attn_implementation=flex_attention`` (per-sequence attention for packed
-  rows through a block-sparse mask, instead of SDPA's dense masked attention)
+  rows through a block-sparse mask, instead of SDPA's dense masked attention; the default before varlen)
 - ``old``: the project before issue 14 (batch plan from a per-token constant, trl's LM head with its metrics)
 - ``lean`` / ``ligerhead``: ``old`` with one lever: the lean LM head, or Liger's fused linear cross-entropy
 - ``measured``: ``old`` with the measured batch plan alone (cap 4, trl's head)
@@ -20,10 +21,14 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``workers2``: the default with 2 data-loader processes collating the next micro-batches during the step
 - ``nodrop``: the default with LoRA dropout 0: the most that applying dropout once per input (instead of once per
   adapted module: q/k/v read the same input) could gain; not a recipe change (dropout regularizes)
+- ``eval``: not training: the evaluate stage's scoring of 300 rows, tuned and base, twice (``run_eval``);
+  ``eval64``: the same with batches padded to a multiple of 64 tokens (fewer distinct shapes)
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
+- ``...@prof``: the same, with the torch profiler on for the last warm-up optimizer step (not timed): GPU time by
+  kind of kernel, the busy share of the step's wall time, host-device syncs; the 25 longest kernels in the log
 
-All: nf4 + double quant, bf16 compute, LoRA r64 α16 dropout 0.1 on q/k/v/o, SDPA (flash-attn if installed for
-``project``), max length 2048, effective batch 16 sequences per optimizer step.
+All: nf4 + double quant, bf16 compute, LoRA r64 α16 dropout 0.1 on q/k/v/o, SDPA for the plain trl settings, max
+length 2048, effective batch 16 sequences per optimizer step.
 """
 from __future__ import annotations
 
@@ -81,17 +86,24 @@ def _timer(result: dict):
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
+        """From the end of the last warm-up step to the end of the last timed one: the same window for every
+        setting. (Stopping at the end of training, as this bench did before 2026-11-28's last calls, also counted
+        the checkpoint Trainer saves after the last step when saving by steps: the project's settings do, the plain
+        trl ones do not. It cost the project ~10 % of its measured speed; BENCHMARKS.md.)"""
+
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == WARM_STEPS:
                 torch.cuda.synchronize()
                 self.t, self.n = time.perf_counter(), state.num_input_tokens_seen
+            elif state.global_step == WARM_STEPS + TIMED_STEPS:
+                self.stop(state)
             result.setdefault("losses", [])
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 result.setdefault("losses", []).append(round(float(logs["loss"]), 4))
 
-        def on_train_end(self, args, state, control, **kw):
+        def stop(self, state):
             torch.cuda.synchronize()
             dt = time.perf_counter() - self.t
             result["tokens"] = int(state.num_input_tokens_seen - self.n)
@@ -106,6 +118,108 @@ def _timer(result: dict):
     return Timer()
 
 
+KINDS = [  # kernel name patterns -> what they do (first match wins)
+    ("dequant", ("dequant", "kdequantize")), ("attention", ("flex", "fmha", "flash", "attention", "triton_tem")),
+    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("liger", ("liger", "_rms_norm", "_rope", "_swiglu", "cross_entropy", "_geglu")),
+    ("dropout", ("dropout", "bernoulli")), ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled", ("triton_",)), ("copy", ("copy", "memcpy", "memset", "cat")),
+]
+
+
+def summarize_trace(path: str, wall_s: float) -> dict:
+    """GPU time by kind of kernel, busy share of the wall time, and host-device syncs, from a chrome trace."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    spans, busy, end = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels), 0.0, float("-inf")
+    for a, b in spans:  # the union of kernel intervals (streams may overlap)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        name = e["name"].lower()
+        kind = next((k for k, pats in KINDS if any(p in name for p in pats)), "other elementwise")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"]
+        slot = by_name.setdefault(e["name"][:90], [0, 0.0])
+        slot[0] += 1
+        slot[1] += e["dur"]
+    total = sum(by_kind.values())
+    syncs = sum(1 for e in events if e.get("name") in ("aten::_local_scalar_dense", "cudaStreamSynchronize",
+                                                       "cudaDeviceSynchronize"))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    for name, (n, us) in top:
+        print(f"PROF {us / 1e3:9.1f} ms {n:6d}x  {name}", flush=True)
+    return {"wall_ms": round(wall_s * 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1),
+            "busy_share": round(busy / 1e3 / (wall_s * 1e3), 3), "syncs": syncs,
+            "kernel_ms": {k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "kernel_share": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+
+
+def _profiler(result: dict):
+    """Profile optimizer step WARM_STEPS (the last warm-up step: the timed steps start after it)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == WARM_STEPS - 1:
+                torch.cuda.synchronize()
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == WARM_STEPS:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t
+                self.prof.__exit__(None, None, None)
+                path = f"/tmp/trace-{os.getpid()}.json"
+                self.prof.export_chrome_trace(path)
+                result["profile"] = summarize_trace(path, wall)
+                self.prof = None
+
+    return Profile()
+
+
+def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = None) -> dict:
+    """The evaluate stage's scoring (``tasks.evaluate.score``: Trainer.evaluate, padded batches of the recipe's size,
+    SDPA) on the 4-bit 7B with the recipe's LoRA adapter (freshly initialised: the same work as a tuned one)."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sft_pipeline.config import load_config
+    from sft_pipeline.models import load_model
+    from tasks.evaluate import score
+
+    cfg = load_config("mistral-7b-qlora", ["model.source=local", f"model.name={MODEL_DIR}"])
+    ds = datasets.Dataset.from_parquet(str(DATA)).select(range(rows))
+    model = load_model(str(MODEL_DIR), cfg.model, cfg.quantization, "cuda")
+    lora = cfg.lora
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():  # twice: the first pass meets every batch shape for the first time
+        out = score(model, ds, 0, cfg.evaluation.batch_size, "cuda", f"/tmp/bench-eval-{os.getpid()}",
+                    pad_to_multiple_of)
+        again = score(model, ds, 0, cfg.evaluation.batch_size, "cuda", f"/tmp/bench-eval-{os.getpid()}",
+                      pad_to_multiple_of)
+    result["again"] = {"tuned_tok_s": again["tuned"]["tokens_per_second"],
+                       "base_tok_s": again["base"]["tokens_per_second"],
+                       "eval_loss": [out["tuned"]["eval_loss"], again["tuned"]["eval_loss"]]}
+    result.update(tokens=out["tokens"], tok_s=out["tuned"]["tokens_per_second"], seconds=out["tuned"]["seconds"],
+                  base_tok_s=out["base"]["tokens_per_second"],
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                  settings={"batch_size": cfg.evaluation.batch_size, "attn_implementation":
+                            model.config._attn_implementation, "rows": rows,
+                            "pad_to_multiple_of": pad_to_multiple_of})
+    return result
+
+
 def run_one(setting: str) -> dict:
     import datasets
     import torch
@@ -114,9 +228,13 @@ def run_one(setting: str) -> dict:
     ds = datasets.Dataset.from_parquet(str(DATA))
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     result: dict = {"setting": setting}
+    if setting.startswith("eval"):  # eval, or eval64: batches padded to a multiple of 64 tokens
+        return run_eval(result, pad_to_multiple_of=int(setting[4:]) if setting[4:] else None)
     steps = WARM_STEPS + TIMED_STEPS
     out = f"/tmp/bench-{setting}-{os.getpid()}"
     speed = SPEEDS.get(setting.split("@")[0])
+    # the profiler's callback first: its summary (seconds) then ends before the timer starts
+    callbacks = ([_profiler(result)] if "@prof" in setting else []) + [_timer(result)]
     if setting.startswith("project") or speed is not None:
         from sft_pipeline.config import load_config
         from sft_pipeline.trainer import build_trainer
@@ -128,7 +246,7 @@ def run_one(setting: str) -> dict:
             *OVERRIDES.get(setting.split("@")[0], [])])
         trainer, metrics = build_trainer(ds, None, tok, str(MODEL_DIR), cfg.model, cfg.quantization, cfg.lora,
                                          cfg.training, cfg.format.max_length, out, "cuda",
-                                         extra_callbacks=[_timer(result)], speed=speed)
+                                         extra_callbacks=callbacks, speed=speed)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
     else:
@@ -147,7 +265,7 @@ def run_one(setting: str) -> dict:
                          gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
                          report_to="none", save_strategy="no", logging_steps=1, include_num_input_tokens_seen=True,
                          use_liger_kernel=liger, disable_tqdm=True, seed=42, data_seed=42)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[_timer(result)],
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=callbacks,
                              peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none",
                                                     task_type="CAUSAL_LM",
                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -195,7 +313,8 @@ def main() -> None:
         holder = None
         if "@hold" in setting:
             holder = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--hold-gib",
-                                       setting.split("@hold")[1]], stdout=subprocess.PIPE, text=True, env=env)
+                                       setting.split("@hold")[1].split("@")[0]], stdout=subprocess.PIPE, text=True,
+                                      env=env)
             holder.stdout.readline()  # HOLDING: the memory is taken before the setting plans its batch
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--one", setting], capture_output=True,
