@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sft_pipeline.errors import StageFailure, is_oom
 from sft_pipeline.store import write_json_atomic
-from sft_pipeline.parallel import checkpoint_world_size, parallel_args, resolve_num_processes, split_batch  # noqa: F401
+from sft_pipeline.parallel import checkpoint_world_size
 
 log = logging.getLogger("sft_pipeline.launch")
 TOKEN_ENV = "SFT_PIPELINE_RANK_HF_TOKEN"  # the HF token reaches the ranks by environment, never in a file

@@ -1,7 +1,7 @@
 """Promotion: point ``<store>/promoted/<recipe>.json`` at the best adapter so far.
 
 At the end of every run the adapter must first be worth having: its tuned eval loss beats its own base model's on
-the held-out split by ``evaluation.promotion_margin`` and the run did not diverge (``diverged``). Then it is
+the held-out split by ``evaluation.promotion_margin`` and the run did not diverge (``health.check``). Then it is
 compared with the promoted adapter's: the pointer moves only when both were evaluated on the same test set (the
 tokenized test split's content hash and the number of rows scored) and the new loss is lower; otherwise it stays
 and ``reason`` says why. The pointer is replaced atomically (temp file + ``os.replace``) under a file lock, so a
@@ -74,14 +74,6 @@ def read_pointer(store: Store, recipe: str, moved_aside: list | None = None) -> 
     return {**pointer, "adapter": str(adapter_dir(store, pointer["adapter"]))}
 
 
-def diverged(eval_metrics: dict, log_history: list[dict] | None = None) -> str | None:
-    """Why a run's training diverged, or None: the loss-curve health check's verdict (``sft_pipeline/health.py``:
-    the tuned eval loss above the base model's or not finite, the train loss rising or not finite)."""
-    from sft_pipeline import health
-
-    return health.check(log_history or [], eval_metrics)["diverged_reason"]
-
-
 def test_set_fingerprint(store: Store, chats: ArtifactRef, test_split: str, rows: int) -> str:
     """What the eval loss was measured on: the tokenized test split's bytes and how many rows were scored."""
     meta = store.manifest(chats)["files"][f"{test_split}.parquet"]
@@ -127,21 +119,15 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
 
 
 def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
-             test_split: str, flow_run: str | None = None, margin: float = DEFAULT_MARGIN,
-             tuned: ArtifactRef | None = None, checked: dict | None = None) -> dict:
-    """Promote ``adapter`` if it beats its base by ``margin``, did not diverge (``tuned``: the train artifact, for
-    its ``log_history.json``) and beats the promoted one for ``recipe``; returns the decision for the summary.
+             test_split: str, checked: dict, flow_run: str | None = None, margin: float = DEFAULT_MARGIN) -> dict:
+    """Promote ``adapter`` if it beats its base by ``margin``, did not diverge and beats the promoted one for
+    ``recipe``; returns the decision for the summary.
 
-    The result's ``diverged`` is the reason training diverged, or None: the flow shows it as a warning.
-    ``checked``: the health check's result where the caller has it already (the flow reports it too).
+    ``checked``: the loss-curve health check's result (``health.check``; the flow reports it too): a run it calls
+    diverged is never promoted. The result's ``diverged`` is that reason, or None: the flow shows it as a warning.
     """
     m = metrics.read_json("metrics.json")
-    if checked is not None:
-        why_diverged = checked["diverged_reason"]
-    else:
-        history = tuned.read_json("log_history.json") \
-            if tuned is not None and tuned.file("log_history.json").is_file() else None
-        why_diverged = diverged(m, history)
+    why_diverged = checked["diverged_reason"]
     candidate = {"recipe": recipe, "adapter": _relative(store, adapter.path), "adapter_fingerprint": adapter.fingerprint,
                  "eval_loss": m["tuned"]["eval_loss"], "base_eval_loss": m["base"]["eval_loss"],
                  "test_set": test_set_fingerprint(store, chats, test_split, m["rows"]),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_pipeline import promote, synthetic
+from sft_pipeline import health, promote, synthetic
 from sft_pipeline.chat_data import chat_problem, read_local_splits
 from sft_pipeline.cli import main
 from sft_pipeline.config import DataConfig, load_config
@@ -250,12 +250,12 @@ def _artifacts(st: Store, tag: str, base: float, tuned: float, history: list | N
     with st.write("evaluate", f"ev-{tag}") as tmp:
         (tmp / "metrics.json").write_text(json.dumps({"split": "test_sft", "rows": 8, "base": {"eval_loss": base},
                                                       "tuned": {"eval_loss": tuned}}))
-    with st.write("train", f"tr-{tag}") as tmp:
-        (tmp / "log_history.json").write_text(json.dumps(history or [{"loss": 3.0}, {"loss": 2.0}]))
     with st.write("save_adapter", f"ad-{tag}") as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps({"tag": tag}))
-    return {"adapter": st.ref("save_adapter", f"ad-{tag}"), "metrics": st.ref("evaluate", f"ev-{tag}"),
-            "chats": st.ref("format", f"fmt-{test_split.hex()[:12]}"), "tuned": st.ref("train", f"tr-{tag}")}
+    metrics = st.ref("evaluate", f"ev-{tag}")
+    checked = health.check(history or [{"loss": 3.0}, {"loss": 2.0}], metrics.read_json("metrics.json"))
+    return {"adapter": st.ref("save_adapter", f"ad-{tag}"), "metrics": metrics,
+            "chats": st.ref("format", f"fmt-{test_split.hex()[:12]}"), "checked": checked}
 
 
 RISING = [{"loss": x} for x in (2.0, 1.9, 2.5, 3.1, 4.0, 6.0, 9.0, 12.0)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_pipeline import promote
+from sft_pipeline import health, promote
 from sft_pipeline.store import Store
 
 
@@ -24,8 +24,10 @@ def _artifacts(st: Store, tag: str, loss: float, test_split: bytes = b"test rows
                                                       "base": {"eval_loss": 10.0}, "tuned": {"eval_loss": loss}}))
     with st.write("save_adapter", f"ad-{tag}") as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps({"r": 4, "tag": tag}))
-    return {"adapter": st.ref("save_adapter", f"ad-{tag}"), "metrics": st.ref("evaluate", f"ev-{tag}"),
-            "chats": st.ref("format", f"fmt-{test_split.hex()[:12]}")}
+    metrics = st.ref("evaluate", f"ev-{tag}")
+    return {"adapter": st.ref("save_adapter", f"ad-{tag}"), "metrics": metrics,
+            "chats": st.ref("format", f"fmt-{test_split.hex()[:12]}"),
+            "checked": health.check([], metrics.read_json("metrics.json"))}  # no loss curve: eval losses only
 
 
 def _consider(st: Store, tag: str, loss: float, **kw) -> dict:
