@@ -126,16 +126,24 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
                 seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     class Throughput(TrainerCallback):
-        """Trained tokens per second (padding excluded), and an estimate of time and cost after warm-up."""
+        """Trained tokens per second (padding excluded), and an estimate of time and cost after warm-up.
+
+        ``tokens_per_second``: the whole training call; ``tokens_per_second_warm``: from the end of warm-up to the
+        end of the last step, without the checkpoint and evaluation Trainer runs after it (what ``plan`` and the
+        scaling bench read as the steady rate)."""
 
         warm = 3
 
         def on_train_begin(self, args, state, control, **kw):
             metrics["start_step"] = state.global_step
             self.t0, self.n0 = time.perf_counter(), state.num_input_tokens_seen
-            self.tw = None
+            self.tw = self.last = None
 
         def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:  # the steady rate ends here, before the final save and eval
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.last = time.perf_counter()
             if state.global_step - metrics["start_step"] == self.warm:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -158,8 +166,9 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
             metrics["train_seconds"] = round(now - self.t0, 2)
             metrics["tokens"] = int(state.num_input_tokens_seen - self.n0)
             metrics["tokens_per_second"] = round(metrics["tokens"] / (now - self.t0), 1)
-            if self.tw and state.num_input_tokens_seen > self.nw:  # steady state, warm-up excluded
-                metrics["tokens_per_second_warm"] = round((state.num_input_tokens_seen - self.nw) / (now - self.tw), 1)
+            if self.tw and state.num_input_tokens_seen > self.nw:  # steady state: warm-up, final save and eval excluded
+                end = self.last if self.last and self.last > self.tw else now
+                metrics["tokens_per_second_warm"] = round((state.num_input_tokens_seen - self.nw) / (end - self.tw), 1)
             metrics["steps"] = state.global_step
 
     class Fault(TrainerCallback):

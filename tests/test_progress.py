@@ -101,3 +101,27 @@ def test_resumed_run_counts_speed_and_eta_from_its_own_start(monkeypatch):
     line = progress.line(state, {"loss": 0.51234, "learning_rate": 5.9e-3, "grad_norm": 0.8213})
     # 2 steps and 1,000 tokens in 10 s: 100 tok/s, 4 steps left at 5 s each
     assert line == "train: step 6/10 (60%)  loss 0.5123  lr 5.9e-03  grad norm 0.821  100 tok/s  ETA 0:00:20"
+
+
+def test_steady_rate_ends_with_the_last_step_not_the_final_save(monkeypatch):
+    """tokens_per_second_warm (what `plan` and the scaling bench read) stops at the last step's end: the checkpoint
+    and evaluation Trainer runs after it are one-off costs; tokens_per_second still covers the whole call."""
+    from transformers import TrainerState
+
+    from sft_pipeline import trainer as trainer_module
+    from sft_pipeline.config import TrainingConfig
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    metrics: dict = {}
+    _, throughput, _ = trainer_module._callbacks(TrainingConfig(), metrics, total_tokens=10_000)
+    state = TrainerState(max_steps=8, num_input_tokens_seen=0)
+    throughput.on_train_begin(None, state, None)
+    for step in range(1, 9):  # 8 steps of 1,000 tokens, 1 s each
+        clock[0] += 1.0
+        state.global_step, state.num_input_tokens_seen = step, step * 1000
+        throughput.on_step_end(None, state, None)
+    clock[0] += 20.0  # the final checkpoint and evaluation
+    throughput.on_train_end(None, state, None)
+    assert metrics["tokens_per_second_warm"] == 1000.0  # steps 4-8: 5,000 tokens in 5 s
+    assert metrics["tokens_per_second"] == round(8000 / 28, 1) and metrics["train_seconds"] == 28.0
