@@ -83,8 +83,12 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # loss (see _fast_loss; auto: liger with Liger kernels, else lean); compile: regional torch.compile of the decoder
 # layers; cap: the largest micro-batch the measured plan may pick; warm: compile flex attention's mask for two small
 # lengths before the first step when no measured plan does (see _warm_masks); workers: data-loader processes that
-# collate the next micro-batches while the GPU trains (CUDA only; 0 = in the training process, as measured so far).
-SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0}
+# collate the next micro-batches while the GPU trains (CUDA only; 0 = in the training process, as measured so far);
+# dropout: "per-module" (peft: each adapted module draws its own LoRA dropout mask) or "per-input" (the adapters
+# that read the same input share one mask, see _share_dropout; prepared, not yet measured on a GPU).
+SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
+         "dropout": "per-module"}
+SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
 def _liger(training: TrainingConfig, device: str) -> bool:
@@ -389,6 +393,49 @@ def _selective_checkpointing(layers, checkpointed: int):
     return Selective()
 
 
+def _share_dropout(layers) -> int:
+    """One LoRA dropout mask per input instead of one per adapted module; returns how many modules now share one.
+
+    q, k and v (and gate and up) read the same input. peft gives each adapter its own dropout, so a step draws three
+    masks over that input, keeps three dropped copies for the backward and runs three dropout backwards. LoRA dropout
+    at 0.1 cost 3.9 % of the speed and 20 GiB at micro-batch 8 on an H200 (BENCHMARKS.md, ``nodrop``). Sharing keeps
+    one. The same mask for q, k and v is a different noise from three independent ones (still dropout on the
+    adapters' input, with the same rate); the base model's path is untouched. The mask is reused only for the very
+    same input tensor (a weak reference), so a recomputed forward (gradient checkpointing) draws its own again.
+    """
+    import weakref
+
+    import torch
+
+    class SharedDropout(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p, self.seen, self.out = p, None, None
+
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                self.seen = self.out = None
+                return x
+            if self.seen is None or self.seen() is not x:
+                self.seen, self.out = weakref.ref(x), torch.nn.functional.dropout(x, self.p, True)
+            return self.out
+
+    shared = 0
+    for layer in layers:
+        for block_name, names in SAME_INPUT.items():
+            block = getattr(layer, block_name, None)
+            modules = [getattr(block, n) for n in names if hasattr(getattr(block, n, None), "lora_dropout")]
+            if len(modules) < 2:
+                continue
+            for adapter, first in modules[0].lora_dropout.items():
+                if isinstance(first, torch.nn.Dropout) and first.p > 0:
+                    one = SharedDropout(first.p).train(first.training)
+                    for m in modules:
+                        m.lora_dropout[adapter] = one
+                    shared += len(modules)
+    return shared
+
+
 def _compile_layers(layers) -> None:
     """Regional torch.compile: each decoder layer alone (one graph reused by all 32), shapes dynamic (packing)."""
     import torch
@@ -579,6 +626,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **args.liger_kernel_config)
+    if speed["dropout"] == "per-input":
+        metrics["shared_dropout_modules"] = _share_dropout(layers)
     if speed["compile"]:
         _compile_layers(layers)
     if measure:
