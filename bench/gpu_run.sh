@@ -3,6 +3,8 @@
 #   bash bench/gpu_run.sh tiny        # the whole flow, tiny recipe, on CUDA
 #   bash bench/gpu_run.sh bench       # python -m bench.throughput
 #   bash bench/gpu_run.sh flow7b N    # the whole flow on the random-weight Mistral-7B architecture, N steps
+#   bash bench/gpu_run.sh job         # issue 14's item 4: the seed's whole job at its size (10,400 + 2,300
+#                                     # ultrachat-like conversations, the recipe as it is), seconds per stage
 set -uo pipefail
 bash .whl/install.sh >/dev/null && export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -22,5 +24,12 @@ for what in "$@"; do
             --set training.eval_strategy=no --set training.save_steps=30 --set training.logging_steps=10 \
             --set generation.max_new_tokens=32 --set training.price_per_hour=2.5 \
             --summary-json "$OUT/summary-7b.json" 2>&1 | tee "$OUT/flow7b.log" | tail -25 ;;
+    job) python3 -m sft_pipeline.cli run --recipe mistral-7b-qlora --store /dev/shm/store \
+            --set model.source=build --set model.name=mistral-7b --set model.requires_token=false \
+            --set data.source=synthetic --set data.synthetic_style=long --set data.synthetic_train_rows=10400 \
+            --set data.synthetic_test_rows=2300 --set data.train_subset.fraction=null \
+            --set data.test_subset.fraction=null --set training.price_per_hour=2.5 \
+            --summary-json "$OUT/summary-job.json" 2>&1 | tee "$OUT/job.log" | tail -25
+          python3 -c "import json, sys; s = json.load(open(sys.argv[1])); t = {k: v.get('seconds') for k, v in s['stages'].items()}; print('seconds per stage:', t, 'total:', round(sum(x or 0 for x in t.values()), 1))" "$OUT/summary-job.json" ;;
   esac
 done

@@ -22,6 +22,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``nodrop``: the default with LoRA dropout 0: the most that applying dropout once per input (instead of once per
   adapted module: q/k/v read the same input) could gain; not a recipe change (dropout regularizes)
 - ``sharedrop``: the default with one LoRA dropout mask per input (q/k/v share one; ``trainer._share_dropout``)
+- ``addmm``: the default with each adapter added inside its second GEMM (``trainer._fuse_lora_add``); ``glue``:
+  ``sharedrop`` and ``addmm`` together
 - ``eval``: not training: the evaluate stage's scoring of 300 rows, tuned and base, twice (``run_eval``);
   ``eval64``: the same with batches padded to a multiple of 64 tokens (fewer distinct shapes)
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
@@ -47,7 +49,8 @@ TOKENIZER = os.environ.get("SFT_BENCH_TOKENIZER")  # a saved tokenizer (the GPU 
 SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate", "head": "lean"},
           "ligerhead": {"plan": "estimate", "head": "liger"}, "measured": {"head": "trl", "cap": 4},
           "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {},
-          "workers2": {"workers": 2}, "sharedrop": {"dropout": "per-input"}}
+          "workers2": {"workers": 2}, "sharedrop": {"dropout": "per-input"}, "addmm": {"lora_add": "addmm"},
+          "glue": {"dropout": "per-input", "lora_add": "addmm"}}
 OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"]}
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
@@ -250,8 +253,9 @@ def run_one(setting: str) -> dict:
                                          extra_callbacks=callbacks, speed=speed)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
-        if "shared_dropout_modules" in metrics:
-            result["settings"]["shared_dropout_modules"] = metrics["shared_dropout_modules"]
+        for key in ("shared_dropout_modules", "addmm_lora_modules"):
+            if key in metrics:
+                result["settings"][key] = metrics[key]
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

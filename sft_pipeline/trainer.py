@@ -86,8 +86,10 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # collate the next micro-batches while the GPU trains (CUDA only; 0 = in the training process, as measured so far);
 # dropout: "per-module" (peft: each adapted module draws its own LoRA dropout mask) or "per-input" (the adapters
 # that read the same input share one mask, see _share_dropout; prepared, not yet measured on a GPU).
+# lora_add: "peft" (peft's forward: output copy, scaling multiply and add as three more passes over the output) or
+# "addmm" (the adapter's second GEMM adds its scaled product to the base output, see _fuse_lora_add; prepared).
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
-         "dropout": "per-module"}
+         "dropout": "per-module", "lora_add": "peft"}
 SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
@@ -436,6 +438,41 @@ def _share_dropout(layers) -> int:
     return shared
 
 
+def _fuse_lora_add(model) -> int:
+    """Each LoRA module adds its adapter inside the adapter's second GEMM; returns how many modules do.
+
+    peft computes ``result = base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the two small GEMMs a
+    copy, a multiply and an add, each a full pass over the layer's output (on an H200 ~36 ms of a ~1,950 ms step:
+    the device copies, the scaling multiplies and the forward's share of the adds in the profile, BENCHMARKS.md).
+    ``torch.addmm(base, lora_A(dropout(x)), B^T, alpha=scaling)`` does the multiply-add in the GEMM (one rounding
+    instead of three). Anything else takes peft's own forward: several or disabled adapters, merged weights,
+    variants (DoRA), an adapter bias, or mixed dtypes without autocast.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    def forward(self, x, *args, **kwargs):
+        names = self.active_adapters
+        name = names[0] if len(names) == 1 else None
+        if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+                or name in self.lora_variant or self.lora_B[name].bias is not None
+                or (not torch.is_autocast_enabled(x.device.type)
+                    and not x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype)):
+            return type(self).forward(self, x, *args, **kwargs)
+        base = self.base_layer(x)
+        t = self.lora_A[name](self.lora_dropout[name](x))
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B[name].weight.t(),
+                          alpha=self.scaling[name])
+        return out.view(base.shape)
+
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), torch.nn.Linear):
+            module.forward = forward.__get__(module)
+            fused += 1
+    return fused
+
+
 def _compile_layers(layers) -> None:
     """Regional torch.compile: each decoder layer alone (one graph reused by all 32), shapes dynamic (packing)."""
     import torch
@@ -628,6 +665,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **args.liger_kernel_config)
     if speed["dropout"] == "per-input":
         metrics["shared_dropout_modules"] = _share_dropout(layers)
+    if speed["lora_add"] == "addmm":
+        metrics["addmm_lora_modules"] = _fuse_lora_add(trainer.model)
     if speed["compile"]:
         _compile_layers(layers)
     if measure:

@@ -1,0 +1,80 @@
+"""The adapter added inside its own GEMM (``speed`` lora_add: addmm, ``trainer._fuse_lora_add``), on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import MistralConfig, MistralForCausalLM
+
+from sft_pipeline.trainer import _fuse_lora_add
+
+
+def _model(dropout: float):
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+
+
+def _step(model, ids):
+    model.train()
+    torch.manual_seed(1)  # the same dropout masks: the fused path draws them in the same order as peft's
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_same_loss_and_gradients_as_peft(dropout):
+    ids = torch.randint(3, 97, (2, 12))
+    loss, grads = _step(_model(dropout), ids)
+    fused_model = _model(dropout)
+    assert _fuse_lora_add(fused_model) == 2 * 5
+    fused_loss, fused_grads = _step(fused_model, ids)
+    assert fused_loss == pytest.approx(loss, abs=1e-6)
+    assert grads.keys() == fused_grads.keys()
+    assert all(torch.allclose(grads[n], fused_grads[n], atol=1e-6, rtol=1e-5) for n in grads)
+
+
+def test_other_cases_take_peft_forward():
+    ids = torch.randint(3, 97, (1, 8))
+    model = _model(0.0)
+    _fuse_lora_add(model)
+    model.eval()
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():  # the base alone
+            base = model(input_ids=ids).logits
+        model.merge_adapter()  # merged weights: the adapter must not be added a second time
+        merged = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base, atol=1e-4)
+    assert torch.allclose(merged, tuned, atol=1e-5)
+    plain = _model(0.0).eval()
+    with torch.no_grad(), plain.disable_adapter():
+        assert torch.allclose(plain(input_ids=ids).logits, base, atol=1e-6)
+
+
+def test_the_train_stage_on_4bit_weights_trains_the_same(tiny_run, tmp_path):
+    """Through build_trainer on the tiny recipe's 4-bit (bitsandbytes nf4) base: one step, the same loss."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from sft_pipeline.config import load_config
+    from sft_pipeline.trainer import build_trainer
+
+    store, summary, _ = tiny_run
+    cfg = load_config("tiny", ["training.max_steps=2", "training.logging_steps=1", "training.save_steps=100"])
+    chats = summary["stages"]["format"]["artifact"]
+    ds = datasets.Dataset.from_parquet(f"{chats}/train_sft.parquet").select(range(16))
+    tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
+    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    losses = {}
+    for speed in (None, {"lora_add": "addmm"}):
+        trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
+                                         cfg.training, cfg.format.max_length, str(tmp_path / str(bool(speed))), "cpu",
+                                         speed=speed)
+        assert cfg.quantization.load_in_4bit and (metrics.get("addmm_lora_modules", 0) > 0) is bool(speed)
+        trainer.train()
+        losses[bool(speed)] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], abs=1e-4)
