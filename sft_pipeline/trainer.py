@@ -410,17 +410,20 @@ def _share_dropout(layers) -> int:
     import torch
 
     class SharedDropout(torch.nn.Module):
-        def __init__(self, p: float):
+        def __init__(self, p: float, users: int):
             super().__init__()
-            self.p, self.seen, self.out = p, None, None
+            self.p, self.users, self.seen, self.out, self.served = p, users, None, None, 0
 
         def forward(self, x):
             if not self.training or self.p == 0:
                 self.seen = self.out = None
                 return x
             if self.seen is None or self.seen() is not x:
-                self.seen, self.out = weakref.ref(x), torch.nn.functional.dropout(x, self.p, True)
-            return self.out
+                self.seen, self.out, self.served = weakref.ref(x), torch.nn.functional.dropout(x, self.p, True), 0
+            out, self.served = self.out, self.served + 1
+            if self.served == self.users:  # every adapter has it: hold nothing past this layer (autograd keeps it)
+                self.seen = self.out = None
+            return out
 
     shared = 0
     for layer in layers:
@@ -431,7 +434,7 @@ def _share_dropout(layers) -> int:
                 continue
             for adapter, first in modules[0].lora_dropout.items():
                 if isinstance(first, torch.nn.Dropout) and first.p > 0:
-                    one = SharedDropout(first.p).train(first.training)
+                    one = SharedDropout(first.p, len(modules)).train(first.training)
                     for m in modules:
                         m.lora_dropout[adapter] = one
                     shared += len(modules)

@@ -42,6 +42,8 @@ def test_adapters_reading_one_input_share_one_mask():
     assert after["o_proj"] is not after["q_proj"]
     dropped = (after["q_proj"] == 0).float().mean().item()
     assert 0.3 < dropped < 0.7  # still dropout at the configured rate (0.5)
+    shared = layers[0].self_attn.q_proj.lora_dropout["default"]
+    assert shared.out is None  # nothing held once q, k and v have their input (autograd keeps what it needs)
 
 
 def test_evaluation_is_unchanged_and_training_still_learns_through_every_adapter():
