@@ -189,7 +189,7 @@ def compute_dtype(quant_cfg, device: str):
 
 def attn_implementation(model_cfg, device: str, training: bool = False, packed: bool = False) -> str:
     """auto: flash-attn when installed; else, for training on CUDA, per-sequence attention for packed rows:
-    PyTorch's flash-attention varlen kernel when this torch has it (``sft_pipeline/varlen.py``; +5% over flex on an
+    PyTorch's flash-attention varlen kernel when this torch has it (``sft_pipeline/varlen.py``; +3.8% over flex on an
     H200), else flex attention (a block-sparse mask instead of SDPA's dense masked attention: 1.7x faster than SDPA
     on an H100); else SDPA. ``varlen`` asked for explicitly is used for packed training only (evaluation and
     generation pad their batches: SDPA)."""

@@ -9,6 +9,7 @@ pad their batches and use SDPA).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -53,6 +54,12 @@ def _kernel():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts(kernel) -> frozenset:
+    """The keyword arguments this torch's kernel takes (read once, not in every layer's call)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               sliding_window: int | None = None, **kwargs):
     """transformers' attention-function interface: query/key/value (batch, heads, tokens, dim) -> (out, None)."""
@@ -68,7 +75,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                          f"the model's sliding window ({sliding_window}); use flex_attention")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     kernel = _kernel()
-    params = inspect.signature(kernel).parameters
+    params = _accepts(kernel)
     extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if k.size(1) != q.size(1):
         if "enable_gqa" in params:

@@ -111,3 +111,17 @@ def tiny_run(session_dir):
     proc, summary = run_flow(store)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return store, summary, proc
+
+
+def tiny_trainer_inputs(tiny_run, rows: int):
+    """What build_trainer takes from the shared tiny run (its first ``rows`` train rows, the tokenizer, the model
+    directory), for tests that build the train stage's trainer themselves."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    store, summary, _ = tiny_run
+    chats = summary["stages"]["format"]["artifact"]
+    ds = datasets.Dataset.from_parquet(f"{chats}/train_sft.parquet").select(range(rows))
+    tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
+    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    return ds, tok, model_dir

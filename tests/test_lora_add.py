@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.trainer import _fuse_lora_add
+from tests.conftest import tiny_trainer_inputs
 
 
 def _model(dropout: float):
@@ -57,18 +58,11 @@ def test_other_cases_take_peft_forward():
 
 def test_the_train_stage_on_4bit_weights_trains_the_same(tiny_run, tmp_path):
     """Through build_trainer on the tiny recipe's 4-bit (bitsandbytes nf4) base: one step, the same loss."""
-    import datasets
-    from transformers import AutoTokenizer
-
     from sft_pipeline.config import load_config
     from sft_pipeline.trainer import build_trainer
 
-    store, summary, _ = tiny_run
     cfg = load_config("tiny", ["training.max_steps=2", "training.logging_steps=1", "training.save_steps=100"])
-    chats = summary["stages"]["format"]["artifact"]
-    ds = datasets.Dataset.from_parquet(f"{chats}/train_sft.parquet").select(range(16))
-    tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
-    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=16)
     losses = {}
     for speed in (None, {"lora_add": "addmm"}):
         trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,

@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.trainer import _share_dropout
+from tests.conftest import tiny_trainer_inputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
 
@@ -83,18 +84,11 @@ def test_gradient_checkpointing_recomputes_the_same_shared_mask():
 
 
 def test_the_train_stage_shares_masks_when_asked(tiny_run, tmp_path):
-    import datasets
-    from transformers import AutoTokenizer
-
     from sft_pipeline.config import load_config
     from sft_pipeline.trainer import build_trainer
 
-    store, summary, _ = tiny_run
     cfg = load_config("tiny", ["training.max_steps=1", "lora.dropout=0.1"])
-    chats = summary["stages"]["format"]["artifact"]
-    ds = datasets.Dataset.from_parquet(f"{chats}/train_sft.parquet").select(range(8))
-    tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
-    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=8)
     for speed, shared in (None, None), ({"dropout": "per-input"}, True):
         trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
                                          cfg.training, cfg.format.max_length, str(tmp_path), "cpu", speed=speed)

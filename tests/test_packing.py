@@ -6,6 +6,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from tests.conftest import tiny_trainer_inputs
+
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_token_weighted_loss_alone(attn):
@@ -31,18 +33,11 @@ def test_packed_loss_equals_token_weighted_loss_alone(attn):
 def test_train_stage_packs_with_per_sequence_attention(tiny_run, tmp_path):
     """The trainer the train stage builds: packed batches are padding-free, and the model keeps no KV cache
     (with one, transformers ignores packed position_ids and attends across examples)."""
-    import datasets
-    from transformers import AutoTokenizer
-
     from sft_pipeline.config import load_config
     from sft_pipeline.trainer import build_trainer
 
-    store, summary, _ = tiny_run
     cfg = load_config("tiny", ["training.packing=true", "training.max_steps=1"])
-    chats = summary["stages"]["format"]["artifact"]
-    ds = datasets.Dataset.from_parquet(f"{chats}/train_sft.parquet").select(range(16))
-    tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
-    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=16)
     trainer, _ = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora, cfg.training,
                                cfg.format.max_length, str(tmp_path), "cpu")
     batch = next(iter(trainer.get_train_dataloader()))
