@@ -188,13 +188,13 @@ def compute_dtype(quant_cfg, device: str):
 
 
 def attn_implementation(model_cfg, device: str, training: bool = False, packed: bool = False) -> str:
-    """auto: flash-attn when installed; else, for training on CUDA, per-sequence attention for packed rows:
-    PyTorch's flash-attention varlen kernel when this torch has it (``sft_pipeline/varlen.py``; +3.8% over flex on an
-    H200), else flex attention (a block-sparse mask instead of SDPA's dense masked attention: 1.7x faster than SDPA
-    on an H100); else SDPA. ``varlen`` asked for explicitly is used for packed training only (evaluation and
-    generation pad their batches: SDPA)."""
+    """auto: flash-attn when installed; else, on CUDA, for packed rows (padding-free: training with packing, and the
+    evaluate stage's scoring) PyTorch's flash-attention varlen kernel when this torch has it
+    (``sft_pipeline/varlen.py``; +3.8% over flex on an H200); else, for training, flex attention (a block-sparse mask
+    instead of SDPA's dense masked attention: 1.7x faster than SDPA on an H100); else SDPA. ``varlen`` asked for
+    explicitly is used for packed rows on CUDA only (generation pads its batches: SDPA)."""
     if model_cfg.attn_implementation == "varlen":
-        if not (training and packed and device == "cuda"):
+        if not (packed and device == "cuda"):
             return "sdpa"
         from sft_pipeline import varlen
 
@@ -207,10 +207,12 @@ def attn_implementation(model_cfg, device: str, training: bool = False, packed: 
 
             return "flash_attention_2"
         except ImportError:
-            if training:
-                from sft_pipeline import varlen
+            from sft_pipeline import varlen
 
-                return varlen.register() if packed and varlen.available() else "flex_attention"
+            if packed and varlen.available():
+                return varlen.register()
+            if training:
+                return "flex_attention"
     return "sdpa"
 
 

@@ -9,19 +9,14 @@ import math
 
 from sft_pipeline.stage import StageContext
 
-# Batches padded to a multiple of 64 tokens: a few dozen distinct shapes instead of one per batch, so the GPU's
-# per-shape set-up (kernel choice) is paid a few times, not in every batch. The loss is the same (pads are masked);
-# on an H200 the tuned model's first scoring pass went from 13,418 to 18,428 tok/s (BENCHMARKS.md).
-PAD_TO = 64
-
-VERSION = "5"  # 4: eval tokens/s of the base and the tuned model; 5: batches padded to a multiple of 64
+VERSION = "6"  # 4: eval tokens/s of the base and the tuned model; 5: padded to a multiple of 64; 6: padding-free
 
 
 def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from sft_pipeline.models import load_tuned
+    from sft_pipeline.models import attn_implementation, load_tuned
 
     cfg, chats = ctx.cfg, ctx.upstream["format"]
     test_split, evaluation = cfg.data.test_split, cfg.evaluation
@@ -34,8 +29,9 @@ def run(ctx: StageContext) -> dict:
         ds = ds.select(range(min(evaluation.max_samples, len(ds))))
     peft_model = load_tuned(ctx.base_model(), ctx.upstream["train"].file("adapter"), cfg.model, cfg.quantization,
                             ctx.device, ctx.hf_token)
-    metrics = {"split": test_split, "rows": len(ds), **score(peft_model, ds, tok.pad_token_id, evaluation.batch_size,
-                                                             ctx.device, str(ctx.work), PAD_TO)}
+    metrics = {"split": test_split, "rows": len(ds), **score(
+        peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work),
+        attn=attn_implementation(cfg.model, ctx.device, packed=True))}
     ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}",
                   f"{metrics['tokens']:,}", f"{metrics['base']['tokens_per_second']:,}",
                   f"{metrics['tuned']['tokens_per_second']:,}")
@@ -48,9 +44,18 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work: str,
-          pad_to_multiple_of: int | None = None) -> dict:
+def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work: str, attn: str | None = None,
+          packed: bool = True, pad_to_multiple_of: int | None = None) -> dict:
     """Eval loss, perplexity, seconds and tokens/s of the tuned model and of the base (its adapter disabled).
+
+    ``packed`` (the default): each batch's rows go into one padding-free row, positions restarting at every
+    conversation, scored with ``attn`` (the per-sequence attention: PyTorch's varlen flash kernel on CUDA; SDPA finds
+    the conversations from the positions itself) and no KV cache (with one, transformers would attend across
+    conversations). No pad token is computed, and the loss is the same as with padded batches: Trainer averages
+    per-batch losses either way, each batch the token mean of the same rows. ``packed=False``: padded batches (to a
+    multiple of ``pad_to_multiple_of``: fewer distinct shapes), with the model's own attention; what this stage did
+    up to version 5, kept as the bench's baseline.
+    The model's attention and cache settings are restored afterwards (generation needs padded batches and a cache).
 
     Also what ``bench.throughput``'s ``eval`` setting times on a GPU (the same code as this stage)."""
     from transformers import Trainer, TrainingArguments
@@ -61,13 +66,25 @@ def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work:
     args = TrainingArguments(output_dir=work, report_to="none", per_device_eval_batch_size=batch_size,
                              use_cpu=device == "cpu", bf16=bf16, disable_tqdm=True, remove_unused_columns=False)
     # the token ids are already truncated to format.max_length; assistant_masks (if any) select the loss tokens
-    collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=packed,
+                                               pad_to_multiple_of=None if packed else pad_to_multiple_of)
+    config = peft_model.get_base_model().config
+    was = config._attn_implementation, config.use_cache  # before Trainer, which sets use_cache from its arguments
     trainer = Trainer(model=peft_model, args=args, eval_dataset=ds, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # it prints each metrics dict on stdout; metrics.json has them
     tokens = sum(map(len, ds["input_ids"]))  # scored forward tokens (padding excluded)
-    tuned = trainer.evaluate()
-    with peft_model.disable_adapter():
-        base = trainer.evaluate()
+    try:
+        if packed:
+            config.use_cache = False
+            if attn and attn != was[0]:
+                peft_model.get_base_model().set_attn_implementation(attn)
+        tuned = trainer.evaluate()
+        with peft_model.disable_adapter():
+            base = trainer.evaluate()
+    finally:
+        config.use_cache = was[1]
+        if config._attn_implementation != was[0]:
+            peft_model.get_base_model().set_attn_implementation(was[0])
 
     def scores(m: dict) -> dict:
         return {"eval_loss": m["eval_loss"], "perplexity": math.exp(min(m["eval_loss"], 50)),

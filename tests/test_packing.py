@@ -44,3 +44,35 @@ def test_train_stage_packs_with_per_sequence_attention(tiny_run, tmp_path):
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
     assert (batch["position_ids"][0] == 0).sum() > 1  # several examples in one row, positions restart for each
     assert trainer.model.config.use_cache is False
+
+
+def test_evaluate_scores_packed_rows_as_it_scores_padded_ones(tmp_path):
+    """The evaluate stage scores each batch as one padding-free row: the same base and tuned losses as padded batches
+    (a row count that leaves a short last batch), and the model's attention and KV-cache settings are given back
+    for generation afterwards."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.evaluate import score
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                            attn_implementation="eager"))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).eval()  # a non-zero adapter: tuned != base
+    lengths = (7, 30, 5, 18, 11, 3, 25)
+    rows = [{"input_ids": torch.randint(3, 97, (n,)).tolist()} for n in lengths]
+    for r in rows[:3]:  # assistant-only loss on some rows: labels given, the prompt's tokens not scored
+        r["labels"] = [-100] * 2 + r["input_ids"][2:]
+    for r in rows[3:]:
+        r["labels"] = list(r["input_ids"])
+    ds = datasets.Dataset.from_list(rows)
+    with torch.no_grad():
+        padded = score(model, ds, 0, 3, "cpu", str(tmp_path / "a"), packed=False)
+        packed = score(model, ds, 0, 3, "cpu", str(tmp_path / "b"), attn="sdpa")
+    for which in ("base", "tuned"):
+        assert packed[which]["eval_loss"] == pytest.approx(padded[which]["eval_loss"], rel=1e-5)
+    assert abs(packed["tuned"]["eval_loss"] - packed["base"]["eval_loss"]) > 1e-3
+    assert packed["tokens"] == sum(lengths)
+    assert base.config._attn_implementation == "eager" and base.config.use_cache is True

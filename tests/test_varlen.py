@@ -93,11 +93,14 @@ def test_choice_of_attention(monkeypatch):
     monkeypatch.setattr(varlen, "available", lambda: True)
     assert attn_implementation(auto, "cuda", training=True, packed=True) == varlen.VARLEN
     assert attn_implementation(auto, "cuda", training=True, packed=False) == "flex_attention"
-    assert attn_implementation(auto, "cuda") == "sdpa"  # evaluation and generation pad their batches
+    assert attn_implementation(auto, "cuda", packed=True) == varlen.VARLEN  # the evaluate stage's packed scoring
+    assert attn_implementation(asked, "cuda", packed=True) == varlen.VARLEN
+    assert attn_implementation(auto, "cuda") == "sdpa"  # generation pads its batches
     assert attn_implementation(asked, "cuda") == "sdpa"
     assert attn_implementation(asked, "cpu", training=True, packed=True) == "sdpa"
     monkeypatch.setattr(varlen, "available", lambda: False)  # a torch without the kernel
     assert attn_implementation(auto, "cuda", training=True, packed=True) == "flex_attention"
+    assert attn_implementation(auto, "cuda", packed=True) == "sdpa"  # scoring: SDPA finds the packed rows itself
 
 
 def test_varlen_without_packing_is_a_config_error():
