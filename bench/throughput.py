@@ -352,7 +352,9 @@ def main() -> None:
             continue
         runs = " / ".join(str(r["tok_s"]) for r in ok)
         ratio = f"{med[s] / base:.2f}" if base else "-"
-        mfu = med[s] * 4 * n_params / (PEAK_TFLOPS * 1e12)
+        # FLOPs a token: training 4N (forward, and the backward's input gradients; the frozen base has no weight
+        # gradients), scoring 2N (forward only)
+        mfu = med[s] * (2 if s.startswith("eval") else 4) * n_params / (PEAK_TFLOPS * 1e12)
         plan = ok[0].get("settings", {}).get("batch_plan", {})
         mb = f"{plan.get('per_device_batch_size', ok[0].get('settings', {}).get('per_device_batch_size'))}"
         print(f"{s:<16}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{ratio:>12}{mfu:>7.1%}"

@@ -4,8 +4,8 @@ trl's padding-free packing puts several conversations into one row and marks whe
 ``position_ids`` (0 at every start). Flash attention's "varlen" form takes exactly that: the cumulative sequence
 starts, and attends within each conversation only. flash-attn has no wheel for this torch; PyTorch ships the same
 kind of kernel as ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA). Registered with transformers
-under the name ``VARLEN`` (``model.attn_implementation: varlen``), for training only (evaluation and generation
-pad their batches and use SDPA).
+under the name ``VARLEN`` (``model.attn_implementation: varlen``), for packed rows only: training with packing and
+the evaluate stage's scoring (generation pads its batches and uses SDPA).
 """
 from __future__ import annotations
 
