@@ -152,13 +152,18 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     return (max(found)[1], "the last run of this model in this store") if found else None
 
 
-def planned_tokens(training, stats: dict) -> int:
-    """Tokens a training run will see: the split's tokens times the epochs, or fewer when max_steps stops it first
-    (steps x effective batch x mean conversation length)."""
-    tokens = stats["tokens"] * training.epochs
-    if training.max_steps > 0:
-        per_step = training.effective_batch * stats["mean"]
-        tokens = min(tokens, training.max_steps * per_step)
+def planned_tokens(training, ids_parquet: str | Path) -> int:
+    """Tokens a training run will see: the split's token ids as the format stage saved them (cut to
+    ``format.max_length``; its stats.json counts them before the cut) times the epochs, or fewer when max_steps
+    stops it first (steps x effective batch x mean row length)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
+    total = pc.sum(pc.list_value_length(ids)).as_py() or 0
+    tokens = total * training.epochs
+    if training.max_steps > 0 and len(ids):
+        tokens = min(tokens, training.max_steps * training.effective_batch * total / len(ids))
     return int(tokens)
 
 
@@ -168,8 +173,7 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
     fmt = next((s for s in steps if s["stage"] == "format" and s["decision"] == "reuse"), None)
     if fmt is None:
         return None
-    stats = json.loads((Path(fmt["artifact"]) / "stats.json").read_text())[cfg.data.train_split]
-    tokens = planned_tokens(cfg.training, stats)
+    tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / f"{cfg.data.train_split}.parquet")
     rate = _measured_rate(cfg, store)
     if rate is None:
         from sft_pipeline.preflight import model_config, parameter_count

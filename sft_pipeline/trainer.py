@@ -161,8 +161,8 @@ def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
                 if training.price_per_hour is not None:
                     est["cost"] = round(est["hours"] * training.price_per_hour, 2)
                 metrics["estimate"] = est
-                log.info("estimate: %s tokens at %s tok/s -> %.2f h%s", total_tokens, est["tokens_per_second"],
-                            est["hours"], f", cost {est['cost']}" if "cost" in est else "")
+                log.info("estimate: %s tokens at %s tok/s -> %.2f h%s", f"{total_tokens:,}",
+                         f"{est['tokens_per_second']:,}", est["hours"], f", cost {est['cost']}" if "cost" in est else "")
 
         def on_train_end(self, args, state, control, **kw):
             if torch.cuda.is_available():

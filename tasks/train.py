@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> dict:
     nproc = resolve_num_processes(cfg.training.num_processes, ctx.device, cfg.training.effective_batch, ctx.log)
     if nproc > 1 or multinode_from_env()["nnodes"] > 1:
         return _run_ranks(ctx, nproc)
-    tokens = planned_tokens(cfg.training, chats.read_json("stats.json")[cfg.data.train_split])
+    tokens = planned_tokens(cfg.training, chats.file(f"{cfg.data.train_split}.parquet"))
     progress = Progress(ctx.log, total_tokens=tokens)  # a line per logging step + the UI's progress bar
     with _wandb_run(ctx) as (report_to, wandb_run):
         trainer, metrics = train_until_done(

@@ -72,3 +72,21 @@ def test_missing_messages_column_is_named(chats):
     with pytest.raises(ValueError, match="'messages'"):
         tokenizing.encode_chats(datasets.Dataset.from_dict({"text": ["hi"]}), tok, system_message="", max_length=8,
                                 assistant_only_loss=False)
+
+
+def test_planned_tokens_are_the_ids_training_reads(chats, tmp_path):
+    """The train stage's "N optimizer steps, T tokens" line and `plan`'s estimate count the ids as the format stage
+    saved them (cut to max_length), not the lengths before the cut (stats.json's tokens): on the 7B job those differed
+    by 8.5 % (14.16M printed, 13.05M trained)."""
+    from sft_pipeline.config import TrainingConfig
+    from sft_pipeline.plan import planned_tokens
+
+    tok, ds = chats
+    enc = tokenizing.encode_chats(ds, tok, system_message="", max_length=512, assistant_only_loss=False)
+    before_cut, cut = sum(enc["length"]), sum(min(n, 512) for n in enc["length"])
+    assert cut < before_cut
+    path = tmp_path / "train_sft.parquet"
+    enc.remove_columns(["length"]).to_parquet(str(path))
+    assert planned_tokens(TrainingConfig(epochs=2), path) == 2 * cut
+    capped = TrainingConfig(max_steps=3, per_device_batch_size=2, gradient_accumulation_steps=4)  # 24 rows
+    assert planned_tokens(capped, path) == int(3 * 8 * cut / len(enc))
