@@ -200,7 +200,7 @@ def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = Non
     from peft import LoraConfig, get_peft_model
 
     from sft_pipeline.config import load_config
-    from sft_pipeline.models import attn_implementation, load_model
+    from sft_pipeline.models import attn_implementation, attn_label, load_model
     from tasks.evaluate import score
 
     cfg = load_config("mistral-7b-qlora", ["model.source=local", f"model.name={MODEL_DIR}"])
@@ -221,7 +221,7 @@ def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = Non
                   base_tok_s=out["base"]["tokens_per_second"],
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                   settings={"batch_size": cfg.evaluation.batch_size, "attn_implementation":
-                            attn or model.config._attn_implementation, "rows": rows, "packed": packed,
+                            attn_label(attn or model.config._attn_implementation), "rows": rows, "packed": packed,
                             "pad_to_multiple_of": pad_to_multiple_of})
     return result
 

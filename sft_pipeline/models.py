@@ -216,6 +216,14 @@ def attn_implementation(model_cfg, device: str, training: bool = False, packed: 
     return "sdpa"
 
 
+def attn_label(implementation: str) -> str:
+    """An attention implementation as the config names it: the varlen kernel is registered with transformers under
+    ``varlen.VARLEN`` (a name of our own, not to clash with one of theirs) and shown as ``varlen``."""
+    from sft_pipeline import varlen
+
+    return "varlen" if implementation == varlen.VARLEN else implementation
+
+
 def bnb_config(quant_cfg, dtype, quant_storage: bool = False):
     """bitsandbytes 4-bit settings (nf4 + double quant by default), or None when the base is not quantized.
     ``quant_storage``: store the 4-bit weights in the compute dtype, so FSDP can shard them (FSDP-QLoRA)."""

@@ -592,7 +592,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
-    from sft_pipeline.models import load_model
+    from sft_pipeline.models import attn_label, load_model
 
     speed = {**SPEED, **(speed or {})}
     if device == "cuda":
@@ -656,7 +656,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     if training.max_steps > 0 and lengths:
         epochs_tokens = min(epochs_tokens, int(training.max_steps * plan["effective_batch"] * sum(lengths) / len(lengths)))
     metrics: dict = {"batch_plan": plan, "liger": liger, "optim": optim, "device": device,
-                     "attn_implementation": m.config._attn_implementation, "head": head,
+                     "attn_implementation": attn_label(m.config._attn_implementation), "head": head,
                      "compile": bool(speed["compile"])}
     trainer = _fast_loss(_resumable(SFTTrainer), head)(
         model=m, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,

@@ -87,7 +87,7 @@ def test_unpacked_batches_are_refused():
 
 def test_choice_of_attention(monkeypatch):
     from sft_pipeline.config import ModelConfig
-    from sft_pipeline.models import attn_implementation
+    from sft_pipeline.models import attn_implementation, attn_label
 
     auto, asked = ModelConfig(), ModelConfig(attn_implementation="varlen")
     monkeypatch.setattr(varlen, "available", lambda: True)
@@ -95,6 +95,7 @@ def test_choice_of_attention(monkeypatch):
     assert attn_implementation(auto, "cuda", training=True, packed=False) == "flex_attention"
     assert attn_implementation(auto, "cuda", packed=True) == varlen.VARLEN  # the evaluate stage's packed scoring
     assert attn_implementation(asked, "cuda", packed=True) == varlen.VARLEN
+    assert attn_label(varlen.VARLEN) == "varlen" and attn_label("flex_attention") == "flex_attention"  # the log's name
     assert attn_implementation(auto, "cuda") == "sdpa"  # generation pads its batches
     assert attn_implementation(asked, "cuda") == "sdpa"
     assert attn_implementation(asked, "cpu", training=True, packed=True) == "sdpa"
