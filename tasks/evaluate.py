@@ -1,6 +1,8 @@
 """Stage 5 — evaluate: eval loss and perplexity on the test subset, for the base model and the tuned one.
 
 The base is the same loaded model with the adapter disabled, so both numbers come from one forward pass setup.
+With a per-sequence attention kernel (CUDA: flash-attn, or PyTorch's varlen kernel) each batch is scored as one
+padding-free row; else batches are padded.
 """
 from __future__ import annotations
 
@@ -8,6 +10,17 @@ import json
 import math
 
 from sft_pipeline.stage import StageContext
+from sft_pipeline.varlen import VARLEN
+
+# Padded batches (no per-sequence attention kernel: CPU, or CUDA without flash-attn and torch's varlen kernel) are
+# padded to a multiple of 64 tokens: a few dozen distinct shapes instead of one per batch, so the GPU's per-shape
+# set-up is paid a few times (on an H200 the first scoring pass went from 13,418 to 18,428 tok/s, BENCHMARKS.md).
+PAD_TO = 64
+# The attention implementations that attend within each conversation of a padding-free row by themselves; with
+# one of them the stage scores padding-free rows (+60 % on an H200 over padded batches with SDPA, BENCHMARKS.md).
+# SDPA and flex could too (transformers masks the rows apart from their positions), but with a mask over the whole
+# row: not measured, so they keep the padded batches.
+PER_SEQUENCE = (VARLEN, "flash_attention_2")
 
 VERSION = "6"  # 4: eval tokens/s of the base and the tuned model; 5: padded to a multiple of 64; 6: padding-free
 
@@ -29,9 +42,11 @@ def run(ctx: StageContext) -> dict:
         ds = ds.select(range(min(evaluation.max_samples, len(ds))))
     peft_model = load_tuned(ctx.base_model(), ctx.upstream["train"].file("adapter"), cfg.model, cfg.quantization,
                             ctx.device, ctx.hf_token)
+    attn = attn_implementation(cfg.model, ctx.device, packed=True)
+    packed = attn in PER_SEQUENCE
     metrics = {"split": test_split, "rows": len(ds), **score(
         peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work),
-        attn=attn_implementation(cfg.model, ctx.device, packed=True))}
+        attn=attn if packed else None, packed=packed, pad_to_multiple_of=PAD_TO)}
     ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}",
                   f"{metrics['tokens']:,}", f"{metrics['base']['tokens_per_second']:,}",
                   f"{metrics['tuned']['tokens_per_second']:,}")
@@ -53,8 +68,8 @@ def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work:
     the conversations from the positions itself) and no KV cache (with one, transformers would attend across
     conversations). No pad token is computed, and the loss is the same as with padded batches: Trainer averages
     per-batch losses either way, each batch the token mean of the same rows. ``packed=False``: padded batches (to a
-    multiple of ``pad_to_multiple_of``: fewer distinct shapes), with the model's own attention; what this stage did
-    up to version 5, kept as the bench's baseline.
+    multiple of ``pad_to_multiple_of``: fewer distinct shapes), with the model's own attention: what this stage does
+    without a per-sequence attention kernel (``PER_SEQUENCE``), and the bench's baseline.
     The model's attention and cache settings are restored afterwards (generation needs padded batches and a cache).
 
     Also what ``bench.throughput``'s ``eval`` setting times on a GPU (the same code as this stage)."""
