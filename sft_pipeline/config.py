@@ -87,8 +87,9 @@ class ModelConfig(Section):
                       "GGUF file (a path, or package:<package>/<file> inside an installed package)")
     revision: str = "main"
     requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
-    # training on CUDA: auto = flash-attn if installed, else for packed rows PyTorch's flash-attention varlen kernel
-    # (varlen: +3.8% over flex on an H200, the same memory), else flex; evaluation and generation: SDPA
+    # on CUDA: auto = flash-attn if installed, else for packed rows (training with packing, the evaluate stage's
+    # scoring) PyTorch's flash-attention varlen kernel (varlen: +3.8% over flex on an H200, the same memory), else
+    # flex for training and padded SDPA for scoring; generation: SDPA
     attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "varlen", "sdpa", "eager"] = "auto"
     # only for source=build: architecture overrides on top of the named preset (`tiny-mistral`, `mistral-7b`)
     build: dict[str, Any] = Field(default_factory=dict)
@@ -231,6 +232,15 @@ class TrainingConfig(Section):
     def effective_batch(self) -> int:
         """Sequences per optimizer step in all: what the batch plan and the ranks keep equal."""
         return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    def planned_tokens(self, lengths) -> int:
+        """Tokens a run on rows of these lengths trains on: all of them times the epochs, or fewer when max_steps
+        stops it first (steps x effective batch x mean row length)."""
+        total, rows = sum(lengths), len(lengths)
+        tokens = total * self.epochs
+        if self.max_steps > 0 and rows:
+            tokens = min(tokens, self.max_steps * self.effective_batch * total / rows)
+        return int(tokens)
 
     @model_validator(mode="after")
     def _parallel(self):

@@ -153,18 +153,13 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
 
 
 def planned_tokens(training, ids_parquet: str | Path) -> int:
-    """Tokens a training run will see: the split's token ids as the format stage saved them (cut to
-    ``format.max_length``; its stats.json counts them before the cut) times the epochs, or fewer when max_steps
-    stops it first (steps x effective batch x mean row length)."""
+    """``training.planned_tokens`` of a split's token ids as the format stage saved them (cut to
+    ``format.max_length``; its stats.json counts them before the cut)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
-    total = pc.sum(pc.list_value_length(ids)).as_py() or 0
-    tokens = total * training.epochs
-    if training.max_steps > 0 and len(ids):
-        tokens = min(tokens, training.max_steps * training.effective_batch * total / len(ids))
-    return int(tokens)
+    return training.planned_tokens(pc.list_value_length(ids).to_pylist())
 
 
 def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:

@@ -651,10 +651,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                              target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
                              task_type="CAUSAL_LM")
-    lengths = [min(n, max_length) for n in map(len, train_ds["input_ids"])]
-    epochs_tokens = int(sum(lengths) * training.epochs)  # what the estimate covers: the run, not only an epoch
-    if training.max_steps > 0 and lengths:
-        epochs_tokens = min(epochs_tokens, int(training.max_steps * plan["effective_batch"] * sum(lengths) / len(lengths)))
+    # what the estimate covers: the run, not only an epoch
+    epochs_tokens = training.planned_tokens([min(n, max_length) for n in map(len, train_ds["input_ids"])])
     metrics: dict = {"batch_plan": plan, "liger": liger, "optim": optim, "device": device,
                      "attn_implementation": attn_label(m.config._attn_implementation), "head": head,
                      "compile": bool(speed["compile"])}
