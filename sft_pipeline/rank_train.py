@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         train_ds, eval_ds, tok, job["model_path"], model, quantization, lora, training, job["max_length"], str(work),
         device, os.environ.get(TOKEN_ENV) or None, job.get("report_to", "none"), job.get("run_name"),
         extra_callbacks=[_heartbeat_callback(work, rank)], batch=job.get("batch"), speed=job.get("speed"),
-        world_size=world, local_rank=local_rank, parallel=parallel_args(training.strategy, training.collective_timeout_minutes, world,
-                                                      device))
+        world_size=world, local_rank=local_rank,
+        parallel=parallel_args(training.strategy, training.collective_timeout_minutes, world, device))
     if rank == 0:  # what an out-of-memory restart halves
         (work / "rank-plan.json").write_text(json.dumps(metrics["batch_plan"]))
     result = trainer.train(resume_from_checkpoint=job.get("resume"))
