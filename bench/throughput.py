@@ -24,8 +24,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``sharedrop``: the default with one LoRA dropout mask per input (q/k/v share one; ``trainer._share_dropout``)
 - ``addmm``: the default with each adapter added inside its second GEMM (``trainer._fuse_lora_add``); ``glue``:
   ``sharedrop`` and ``addmm`` together
-- ``eval``: not training: the evaluate stage's scoring of 300 rows (padding-free rows), tuned and base, twice (``run_eval``);
-  ``eval64``: the stage's earlier way: batches padded to a multiple of 64 tokens, SDPA
+- ``eval``: not training: the evaluate stage's scoring of 300 rows as the stage does it here (padding-free rows with
+  the varlen kernel), tuned and base, twice (``run_eval``); ``eval64``: batches padded to a multiple of 64, SDPA
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
 - ``...@prof``: the same, with the torch profiler on for the last warm-up optimizer step (not timed): GPU time by
   kind of kernel, the busy share of the step's wall time, host-device syncs; the 25 longest kernels in the log
@@ -191,17 +191,17 @@ def _profiler(result: dict):
 
 
 def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = None) -> dict:
-    """The evaluate stage's scoring (``tasks.evaluate.score``: Trainer.evaluate, batches of the recipe's size, each one
-    padding-free row with the stage's attention for packed rows) on the 4-bit 7B with the recipe's LoRA adapter
-    (freshly initialised: the same work as a tuned one). ``pad_to_multiple_of``: padded batches with SDPA instead
-    (the stage up to its version 5)."""
+    """The evaluate stage's scoring (``tasks.evaluate.score`` as the stage calls it on this GPU, ``scoring_mode``:
+    Trainer.evaluate, batches of the recipe's size, padding-free rows with a per-sequence kernel) on the 4-bit 7B
+    with the recipe's LoRA adapter (freshly initialised: the same work as a tuned one). ``pad_to_multiple_of``:
+    padded batches with SDPA instead (the stage up to its version 5)."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
 
     from sft_pipeline.config import load_config
-    from sft_pipeline.models import attn_implementation, attn_label, load_model
-    from tasks.evaluate import score
+    from sft_pipeline.models import attn_label, load_model
+    from tasks.evaluate import score, scoring_mode
 
     cfg = load_config("mistral-7b-qlora", ["model.source=local", f"model.name={MODEL_DIR}"])
     ds = datasets.Dataset.from_parquet(str(DATA)).select(range(rows))
@@ -209,11 +209,11 @@ def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = Non
     lora = cfg.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM")).eval()
-    packed = pad_to_multiple_of is None
-    attn = attn_implementation(cfg.model, "cuda", packed=True) if packed else None
+    mode = scoring_mode(cfg.model, "cuda") if pad_to_multiple_of is None else \
+        {"packed": False, "pad_to_multiple_of": pad_to_multiple_of}
     with torch.no_grad():  # twice: the first pass meets every batch shape for the first time
-        out, again = (score(model, ds, 0, cfg.evaluation.batch_size, "cuda", f"/tmp/bench-eval-{os.getpid()}",
-                            attn=attn, packed=packed, pad_to_multiple_of=pad_to_multiple_of) for _ in range(2))
+        out, again = (score(model, ds, 0, cfg.evaluation.batch_size, "cuda", f"/tmp/bench-eval-{os.getpid()}", **mode)
+                      for _ in range(2))
     result["again"] = {"tuned_tok_s": again["tuned"]["tokens_per_second"],
                        "base_tok_s": again["base"]["tokens_per_second"],
                        "eval_loss": [out["tuned"]["eval_loss"], again["tuned"]["eval_loss"]]}
@@ -221,8 +221,7 @@ def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = Non
                   base_tok_s=out["base"]["tokens_per_second"],
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                   settings={"batch_size": cfg.evaluation.batch_size, "attn_implementation":
-                            attn_label(attn or model.config._attn_implementation), "rows": rows, "packed": packed,
-                            "pad_to_multiple_of": pad_to_multiple_of})
+                            attn_label(mode.get("attn") or model.config._attn_implementation), "rows": rows, **mode})
     return result
 
 

@@ -29,7 +29,7 @@ def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from sft_pipeline.models import attn_implementation, load_tuned
+    from sft_pipeline.models import load_tuned
 
     cfg, chats = ctx.cfg, ctx.upstream["format"]
     test_split, evaluation = cfg.data.test_split, cfg.evaluation
@@ -42,11 +42,9 @@ def run(ctx: StageContext) -> dict:
         ds = ds.select(range(min(evaluation.max_samples, len(ds))))
     peft_model = load_tuned(ctx.base_model(), ctx.upstream["train"].file("adapter"), cfg.model, cfg.quantization,
                             ctx.device, ctx.hf_token)
-    attn = attn_implementation(cfg.model, ctx.device, packed=True)
-    packed = attn in PER_SEQUENCE
     metrics = {"split": test_split, "rows": len(ds), **score(
         peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work),
-        attn=attn if packed else None, packed=packed, pad_to_multiple_of=PAD_TO)}
+        **scoring_mode(cfg.model, ctx.device))}
     ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}",
                   f"{metrics['tokens']:,}", f"{metrics['base']['tokens_per_second']:,}",
                   f"{metrics['tuned']['tokens_per_second']:,}")
@@ -57,6 +55,16 @@ def run(ctx: StageContext) -> dict:
                                       max_new_tokens=evaluation.generation_max_new_tokens, device=ctx.device))
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def scoring_mode(model_cfg, device: str) -> dict:
+    """How this stage scores on ``device`` (``score``'s keyword arguments): padding-free rows with a per-sequence
+    attention kernel when there is one, else padded batches."""
+    from sft_pipeline.models import attn_implementation
+
+    attn = attn_implementation(model_cfg, device, packed=True)
+    packed = attn in PER_SEQUENCE
+    return {"attn": attn if packed else None, "packed": packed, "pad_to_multiple_of": PAD_TO}
 
 
 def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work: str, attn: str | None = None,

@@ -76,3 +76,18 @@ def test_evaluate_scores_packed_rows_as_it_scores_padded_ones(tmp_path):
     assert abs(packed["tuned"]["eval_loss"] - packed["base"]["eval_loss"]) > 1e-3
     assert packed["tokens"] == sum(lengths)
     assert base.config._attn_implementation == "eager" and base.config.use_cache is True
+
+
+def test_evaluate_scores_padding_free_only_with_a_per_sequence_kernel(monkeypatch):
+    """The stage's choice (also what the bench's eval setting times): padding-free rows with torch's varlen kernel
+    on CUDA, padded batches without it and on CPU."""
+    from sft_pipeline import varlen
+    from sft_pipeline.config import ModelConfig
+    from tasks.evaluate import PAD_TO, scoring_mode
+
+    padded = {"attn": None, "packed": False, "pad_to_multiple_of": PAD_TO}
+    assert scoring_mode(ModelConfig(), "cpu") == padded
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    assert scoring_mode(ModelConfig(), "cuda") == {"attn": varlen.VARLEN, "packed": True, "pad_to_multiple_of": PAD_TO}
+    monkeypatch.setattr(varlen, "available", lambda: False)
+    assert scoring_mode(ModelConfig(), "cuda") == padded
