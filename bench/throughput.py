@@ -19,11 +19,15 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``mb8``: the default with the measured plan allowed up to micro-batch 8; ``compile``: the default with regional
   ``torch.compile`` of the decoder layers
 - ``workers2``: the default with 2 data-loader processes collating the next micro-batches during the step
-- ``nodrop``: the default with LoRA dropout 0: the most that applying dropout once per input (instead of once per
-  adapted module: q/k/v read the same input) could gain; not a recipe change (dropout regularizes)
-- ``sharedrop``: the default with one LoRA dropout mask per input (q/k/v share one; ``trainer._share_dropout``)
-- ``addmm``: the default with each adapter added inside its second GEMM (``trainer._fuse_lora_add``); ``glue``:
-  ``sharedrop`` and ``addmm`` together
+- ``nodrop``: the default with LoRA dropout 0: the most that any way of applying dropout could gain; not a recipe
+  change (dropout regularizes)
+- ``peftlora``: the default before the LoRA glue levers: peft's forward and one dropout mask per adapted module
+  (``lora.shared_dropout=false``, speed ``lora_add=peft``); ``sharedrop``: that with one mask per input (q/k/v
+  share one, ``trainer._share_dropout``, now the default); ``addmm``: that with each adapter added inside its second
+  GEMM (``trainer._fuse_lora_add``, now the default)
+- ``splita``: the default with one A GEMM per adapter, instead of the A matrices of the adapters that read one
+  input as one GEMM (``trainer._fuse_lora_a``, the default; measured as ``fuseda`` before it was)
+- ``mb16``: the default with the measured plan allowed up to micro-batch 16 (cap 8 is the default)
 - ``eval``: not training: the evaluate stage's scoring of 300 rows as the stage does it here (padding-free rows with
   the varlen kernel), tuned and base, twice (``run_eval``); ``eval64``: batches padded to a multiple of 64, SDPA
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
@@ -49,9 +53,11 @@ TOKENIZER = os.environ.get("SFT_BENCH_TOKENIZER")  # a saved tokenizer (the GPU 
 SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate", "head": "lean"},
           "ligerhead": {"plan": "estimate", "head": "liger"}, "measured": {"head": "trl", "cap": 4},
           "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {},
-          "workers2": {"workers": 2}, "sharedrop": {"dropout": "per-input"}, "addmm": {"lora_add": "addmm"},
-          "glue": {"dropout": "per-input", "lora_add": "addmm"}}
-OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"]}
+          "workers2": {"workers": 2}, "peftlora": {"lora_add": "peft", "lora_a": "per-module"},
+          "sharedrop": {"lora_add": "peft", "lora_a": "per-module"},
+          "addmm": {"lora_a": "per-module"}, "splita": {"lora_a": "per-module"}, "mb16": {"cap": 16}}
+OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"],
+             "peftlora": ["lora.shared_dropout=false"], "addmm": ["lora.shared_dropout=false"]}
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
 EFFECTIVE_BATCH = 16
@@ -254,7 +260,7 @@ def run_one(setting: str) -> dict:
                                          extra_callbacks=callbacks, speed=speed)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
-        for key in ("shared_dropout_modules", "addmm_lora_modules"):
+        for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules"):
             if key in metrics:
                 result["settings"][key] = metrics[key]
     else:
@@ -280,6 +286,19 @@ def run_one(setting: str) -> dict:
         result["settings"] = {"per_device_batch_size": bs, "gradient_checkpointing": ckpt, "liger": liger}
     trainer.train()
     return result
+
+
+def _versions() -> dict[str, str]:
+    """The installed versions of what the timings depend on (read from the package metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "flash-attn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def main() -> None:
@@ -337,12 +356,14 @@ def main() -> None:
         r = json.loads(line[7:]) if line else {"setting": setting, "error": proc.stderr.strip()[-400:]}
         print(json.dumps(r), flush=True)
         results.setdefault(setting, []).append(r)
-    Path(a.out, "bench.json").write_text(json.dumps({"card": card, "results": results}, indent=1))
+    versions = _versions()
+    Path(a.out, "bench.json").write_text(json.dumps({"card": card, "versions": versions, "results": results}, indent=1))
     n_params = 7.24e9
     med = {s: statistics.median(r["tok_s"] for r in rs if "tok_s" in r) for s, rs in results.items()
            if any("tok_s" in r for r in rs)}
     base = med.get("notebook")
     print(f"\n{card}, effective batch {EFFECTIVE_BATCH}, {TIMED_STEPS} timed optimizer steps after {WARM_STEPS} warm-up")
+    print(", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"{'setting':<16}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'x notebook':>12}{'MFU':>7}")
     for s, rs in results.items():
         ok = [r for r in rs if "tok_s" in r]

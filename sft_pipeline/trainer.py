@@ -23,7 +23,10 @@ log = logging.getLogger("sft_pipeline.train")
 # (Mistral-7B architecture, 2048 tokens, SDPA: 12.5 GiB for one sequence); with checkpointing only layer inputs stay.
 # Only the first guess now: on CUDA the plan measures a real step (measure_step_memory) and decides from that.
 ACT_BYTES, ACT_BYTES_CKPT = 52, 6
-MICRO_CAP = 8  # not measured above 4: on an 80 GB H100, 8 rows of 2048 need ~75 GiB (8.8 GiB a row), over the margin
+# The largest micro-batch the plan picks. 8 rows of 2048 need ~63 GiB (4.4 fixed + 7.3 a row, H200, shared LoRA
+# dropout): by the plan's own arithmetic that fits an 80 GB H100 (not measured there). 16 read +1.3 % on an H200
+# at 121.5 GiB (BENCHMARKS.md): within the spread between machines, ~18 GiB left on the card: not the default.
+MICRO_CAP = 8
 MARGIN = 0.10  # of the memory there is, kept free: allocator fragmentation from packed rows of varying length
 MARGIN_MIN = 2 * 2**30
 
@@ -84,12 +87,13 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # layers; cap: the largest micro-batch the measured plan may pick; warm: compile flex attention's mask for two small
 # lengths before the first step when no measured plan does (see _warm_masks); workers: data-loader processes that
 # collate the next micro-batches while the GPU trains (CUDA only; 0 = in the training process, as measured so far);
-# dropout: "per-module" (peft: each adapted module draws its own LoRA dropout mask) or "per-input" (the adapters
-# that read the same input share one mask, see _share_dropout; prepared, not yet measured on a GPU).
-# lora_add: "peft" (peft's forward: output copy, scaling multiply and add as three more passes over the output) or
-# "addmm" (the adapter's second GEMM adds its scaled product to the base output, see _fuse_lora_add; prepared).
+# lora_add: "addmm" (each adapter's second GEMM adds its scaled product to the base output, see _fuse_lora_add: +2.1 %
+# alone on an H200) or "peft" (peft's forward: an output copy, a scaling multiply and an add as three more passes);
+# lora_a: "fused" (the adapters that read one input, q/k/v, run their A matrices as one GEMM, see _fuse_lora_a: +1.3 %
+# on an H200; needs lora_add addmm and one dropout mask per input) or "per-module" (one GEMM per adapter).
+# How LoRA dropout draws its masks is the recipe's lora.shared_dropout (+1.5 % and 16 % less peak memory when shared).
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
-         "dropout": "per-module", "lora_add": "peft"}
+         "lora_add": "addmm", "lora_a": "fused"}
 SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
@@ -463,7 +467,8 @@ def _fuse_lora_add(model) -> int:
                     and not x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype)):
             return type(self).forward(self, x, *args, **kwargs)
         base = self.base_layer(x)
-        t = self.lora_A[name](self.lora_dropout[name](x))
+        group = self.__dict__.get("_sft_lora_a")  # _fuse_lora_a: one GEMM for the adapters reading this input
+        t = group.take(self, x, name) if group is not None else self.lora_A[name](self.lora_dropout[name](x))
         out = torch.addmm(base.reshape(-1, base.shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B[name].weight.t(),
                           alpha=self.scaling[name])
         return out.view(base.shape)
@@ -473,6 +478,56 @@ def _fuse_lora_add(model) -> int:
         if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), torch.nn.Linear):
             module.forward = forward.__get__(module)
             fused += 1
+    return fused
+
+
+def _fuse_lora_a(layers, shared_dropout: bool) -> int:
+    """The adapters that read one input (q, k and v) run their A matrices as one GEMM; returns how many modules do.
+
+    peft runs ``lora_A(dropout(x))`` once per adapter: three GEMMs that each read ``x`` (a full pass over the layer's
+    input for an output of r columns), and in the backward three input gradients summed by two more passes. One GEMM
+    with the A matrices stacked reads ``x`` once and gives one input gradient. Only with one dropout mask for the
+    group (``lora.shared_dropout``, or no dropout): the mask is drawn once, as ``_share_dropout`` draws it, so the
+    numbers equal the unfused path's up to rounding. Works through ``_fuse_lora_add``'s forward (call that first);
+    a module that takes peft's own forward (disabled or several adapters, merged weights) reads ``x`` alone.
+    """
+    import weakref
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    class FusedA:
+        def __init__(self, modules, p: float):
+            self.modules, self.p, self.seen, self.name, self.parts, self.served = modules, p, None, None, None, 0
+
+        def take(self, module, x, name):
+            if any(name not in m.lora_A for m in self.modules):
+                return module.lora_A[name](module.lora_dropout[name](x))
+            if self.seen is None or self.seen() is not x or self.name != name:
+                h = torch.nn.functional.dropout(x, self.p, True) if self.p and module.training else x
+                w = torch.cat([m.lora_A[name].weight for m in self.modules])
+                self.parts = torch.nn.functional.linear(h, w).split([m.r[name] for m in self.modules], dim=-1)
+                self.seen, self.name, self.served = weakref.ref(x), name, 0
+            part = self.parts[self.modules.index(module)]
+            self.served += 1
+            if self.served == len(self.modules):  # every adapter has its part: hold nothing past this layer
+                self.seen = self.parts = None
+            return part
+
+    fused = 0
+    for layer in layers:
+        for block_name, names in SAME_INPUT.items():
+            block = getattr(layer, block_name, None)
+            modules = [m for m in (getattr(block, n, None) for n in names)
+                       if isinstance(m, LoraLayer) and "_sft_lora_a" not in m.__dict__
+                       and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+            rates = {getattr(d, "p", 0.0) for m in modules for d in m.lora_dropout.values()}
+            if len(modules) < 2 or len(rates) != 1 or (rates != {0.0} and not shared_dropout):
+                continue
+            group = FusedA(modules, rates.pop())
+            for m in modules:
+                m.__dict__["_sft_lora_a"] = group
+            fused += len(modules)
     return fused
 
 
@@ -664,10 +719,12 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **args.liger_kernel_config)
-    if speed["dropout"] == "per-input":
+    if lora.shared_dropout:
         metrics["shared_dropout_modules"] = _share_dropout(layers)
     if speed["lora_add"] == "addmm":
         metrics["addmm_lora_modules"] = _fuse_lora_add(trainer.model)
+        if speed["lora_a"] == "fused":
+            metrics["fused_lora_a_modules"] = _fuse_lora_a(layers, lora.shared_dropout)
     if speed["compile"]:
         _compile_layers(layers)
     if measure:

@@ -83,15 +83,15 @@ def test_gradient_checkpointing_recomputes_the_same_shared_mask():
     assert all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)
 
 
-def test_the_train_stage_shares_masks_when_asked(tiny_run, tmp_path):
+def test_the_train_stage_shares_masks_unless_the_recipe_says_not(tiny_run, tmp_path):
     from sft_pipeline.config import load_config
     from sft_pipeline.trainer import build_trainer
 
-    cfg = load_config("tiny", ["training.max_steps=1", "lora.dropout=0.1"])
     ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=8)
-    for speed, shared in (None, None), ({"dropout": "per-input"}, True):
+    for shared in (True, False):
+        cfg = load_config("tiny", ["training.max_steps=1", "lora.dropout=0.1", f"lora.shared_dropout={shared}"])
         trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
-                                         cfg.training, cfg.format.max_length, str(tmp_path), "cpu", speed=speed)
+                                         cfg.training, cfg.format.max_length, str(tmp_path), "cpu")
         attn = trainer.model.get_base_model().model.layers[0].self_attn
         same = attn.q_proj.lora_dropout["default"] is attn.k_proj.lora_dropout["default"]
-        assert same is bool(shared) and (metrics.get("shared_dropout_modules", 0) > 0) is bool(shared)
+        assert same is shared and (metrics.get("shared_dropout_modules", 0) > 0) is shared
