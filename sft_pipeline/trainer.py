@@ -723,7 +723,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         metrics["shared_dropout_modules"] = _share_dropout(layers)
     if speed["lora_add"] == "addmm":
         metrics["addmm_lora_modules"] = _fuse_lora_add(trainer.model)
-        if speed["lora_a"] == "fused":
+        if speed["lora_a"] == "fused" and not speed["compile"]:  # its Python-side bookkeeping is not for Dynamo
             metrics["fused_lora_a_modules"] = _fuse_lora_a(layers, lora.shared_dropout)
     if speed["compile"]:
         _compile_layers(layers)
