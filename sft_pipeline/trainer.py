@@ -90,7 +90,8 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # lora_add: "addmm" (each adapter's second GEMM adds its scaled product to the base output, see _fuse_lora_add: +2.1 %
 # alone on an H200) or "peft" (peft's forward: an output copy, a scaling multiply and an add as three more passes);
 # lora_a: "fused" (the adapters that read one input, q/k/v, run their A matrices as one GEMM, see _fuse_lora_a: +1.3 %
-# on an H200; needs lora_add addmm and one dropout mask per input) or "per-module" (one GEMM per adapter).
+# on an H200; needs lora_add addmm and one dropout mask per input) or "per-module" (one GEMM per adapter). Neither
+# fused path runs under FSDP (lora_glue).
 # How LoRA dropout draws its masks is the recipe's lora.shared_dropout (+1.5 % and 16 % less peak memory when shared).
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
          "lora_add": "addmm", "lora_a": "fused"}
@@ -531,6 +532,15 @@ def _fuse_lora_a(layers, shared_dropout: bool) -> int:
     return fused
 
 
+def lora_glue(speed: dict, parallel: dict | None) -> tuple[bool, bool]:
+    """Whether the adapters add inside their second GEMM (``_fuse_lora_add``) and q/k/v's A matrices run as one GEMM
+    (``_fuse_lora_a``). Neither under FSDP: peft's wrap policy makes each LoRA matrix its own FSDP unit, whose weight
+    is whole only inside its own forward, which these paths do not call. The fused A needs the addmm forward, and
+    not regional torch.compile (its Python-side bookkeeping is not for Dynamo)."""
+    addmm = speed["lora_add"] == "addmm" and "fsdp" not in (parallel or {})
+    return addmm, addmm and speed["lora_a"] == "fused" and not speed["compile"]
+
+
 def _compile_layers(layers) -> None:
     """Regional torch.compile: each decoder layer alone (one graph reused by all 32), shapes dynamic (packing)."""
     import torch
@@ -721,10 +731,11 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **args.liger_kernel_config)
     if lora.shared_dropout:
         metrics["shared_dropout_modules"] = _share_dropout(layers)
-    if speed["lora_add"] == "addmm":
+    addmm, fused_a = lora_glue(speed, parallel)
+    if addmm:
         metrics["addmm_lora_modules"] = _fuse_lora_add(trainer.model)
-        if speed["lora_a"] == "fused" and not speed["compile"]:  # its Python-side bookkeeping is not for Dynamo
-            metrics["fused_lora_a_modules"] = _fuse_lora_a(layers, lora.shared_dropout)
+    if fused_a:
+        metrics["fused_lora_a_modules"] = _fuse_lora_a(layers, lora.shared_dropout)
     if speed["compile"]:
         _compile_layers(layers)
     if measure:

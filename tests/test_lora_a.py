@@ -100,3 +100,15 @@ def test_the_train_stage_fuses_when_asked_and_trains_the_same(tiny_run, tmp_path
         trainer.train()
         losses[lora_a] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses["fused"]) == 2 and losses["fused"] == pytest.approx(losses["per-module"], abs=1e-4)
+
+
+def test_the_glue_paths_step_aside_under_fsdp_and_compile():
+    """FSDP wraps each LoRA matrix as its own unit (peft's policy): its weight is whole only in its own forward."""
+    from sft_pipeline.parallel import parallel_args
+    from sft_pipeline.trainer import SPEED, lora_glue
+
+    assert lora_glue(SPEED, None) == (True, True)  # one process: both, the default
+    assert lora_glue(SPEED, parallel_args("ddp", 5, 2, "cuda")) == (True, True)  # DDP: whole weights on each rank
+    assert lora_glue(SPEED, parallel_args("fsdp", 5, 2, "cuda")) == (False, False)
+    assert lora_glue({**SPEED, "compile": True}, None) == (True, False)
+    assert lora_glue({**SPEED, "lora_add": "peft"}, None) == (False, False)  # the fused A goes through addmm's forward
