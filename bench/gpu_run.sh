@@ -3,7 +3,8 @@
 #   bash bench/gpu_run.sh tiny        # the whole flow, tiny recipe, on CUDA
 #   bash bench/gpu_run.sh bench       # python -m bench.throughput
 #   bash bench/gpu_run.sh flow7b N    # the whole flow on the random-weight Mistral-7B architecture, N steps
-#   bash bench/gpu_run.sh levers      # issue 14's LoRA-glue levers against the default, alternating (~8 min)
+#   bash bench/gpu_run.sh levers      # issue 14's LoRA-glue levers: the default against peft's forward and masks
+#                                     # and each lever alone, alternating (~8 min)
 #   bash bench/gpu_run.sh job         # issue 14's item 4: the seed's whole job at its size (10,400 + 2,300
 #                                     # ultrachat-like conversations, the recipe as it is), seconds per stage;
 #                                     # ~21 min on an H200: longer than one 10-minute device call, so start it
@@ -21,7 +22,7 @@ for what in "$@"; do
             --summary-json "$OUT/summary-tiny-cuda.json" 2>&1 | tee "$OUT/tiny.log" | tail -25 ;;
     bench) python3 -m bench.throughput --out "$OUT" --runs ${RUNS:-2} --settings ${SETTINGS:-notebook,liger2,project,project-flex} 2>&1 | tail -30 ;;
     levers) python3 -m bench.throughput --out "$OUT" --budget-s 420 \
-            --order project,glue,sharedrop,addmm,project,glue,project,glue 2>&1 | tail -14 ;;
+            --order project,peftlora,sharedrop,addmm,splita,project,peftlora,project,peftlora 2>&1 | tail -14 ;;
     flow7b) python3 -m sft_pipeline.cli run --recipe mistral-7b-qlora --store /dev/shm/store \
             --set model.source=build --set model.name=mistral-7b --set model.requires_token=false \
             --set data.source=synthetic --set data.synthetic_style=long --set data.synthetic_train_rows=1500 \

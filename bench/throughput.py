@@ -58,6 +58,7 @@ SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate
           "addmm": {"lora_a": "per-module"}, "splita": {"lora_a": "per-module"}, "mb16": {"cap": 16}}
 OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"],
              "peftlora": ["lora.shared_dropout=false"], "addmm": ["lora.shared_dropout=false"]}
+KNOWN = [*SPEEDS, "project-flex", "notebook", "liger2", "eval", "eval64"]
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
 EFFECTIVE_BATCH = 16
@@ -325,13 +326,16 @@ def main() -> None:
     if a.prepare:
         prepare()
         return
+    order = a.order.split(",") if a.order else [s for _ in range(a.runs) for s in a.settings.split(",")]
+    unknown = [s for s in order if s.split("@")[0] not in KNOWN]
+    if unknown:  # before the GPU work below: a typo must not cost a call's prepare time
+        p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} (suffixes: @hold<GiB>, @prof)")
     t0 = time.monotonic()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     # built in a child process: the parent never holds GPU memory (its allocator's cache would shrink every plan)
     subprocess.run([sys.executable, "-m", "bench.throughput", "--prepare"], check=True, env=env)
     card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                           text=True).stdout.strip()
-    order = a.order.split(",") if a.order else [s for _ in range(a.runs) for s in a.settings.split(",")]
     results: dict[str, list[dict]] = {}
     for i, setting in enumerate(order):
         if a.budget_s and time.monotonic() - t0 > a.budget_s:
