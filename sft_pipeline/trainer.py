@@ -400,6 +400,19 @@ def _selective_checkpointing(layers, checkpointed: int):
     return Selective()
 
 
+def _same_input(layers):
+    """Per decoder layer and block (``SAME_INPUT``), the LoRA modules that read one input, where there are two or
+    more: what ``_share_dropout`` and ``_fuse_lora_a`` group."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in layers:
+        for block_name, names in SAME_INPUT.items():
+            block = getattr(layer, block_name, None)
+            modules = [m for m in (getattr(block, n, None) for n in names) if isinstance(m, LoraLayer)]
+            if len(modules) >= 2:
+                yield modules
+
+
 def _share_dropout(layers) -> int:
     """One LoRA dropout mask per input instead of one per adapted module; returns how many modules now share one.
 
@@ -431,18 +444,13 @@ def _share_dropout(layers) -> int:
             return out
 
     shared = 0
-    for layer in layers:
-        for block_name, names in SAME_INPUT.items():
-            block = getattr(layer, block_name, None)
-            modules = [getattr(block, n) for n in names if hasattr(getattr(block, n, None), "lora_dropout")]
-            if len(modules) < 2:
-                continue
-            for adapter, first in modules[0].lora_dropout.items():
-                if isinstance(first, torch.nn.Dropout) and first.p > 0:
-                    one = SharedDropout(first.p, len(modules)).train(first.training)
-                    for m in modules:
-                        m.lora_dropout[adapter] = one
-                    shared += len(modules)
+    for modules in _same_input(layers):
+        for adapter, first in modules[0].lora_dropout.items():
+            if isinstance(first, torch.nn.Dropout) and first.p > 0:
+                one = SharedDropout(first.p, len(modules)).train(first.training)
+                for m in modules:
+                    m.lora_dropout[adapter] = one
+                shared += len(modules)
     return shared
 
 
@@ -495,7 +503,6 @@ def _fuse_lora_a(layers, shared_dropout: bool) -> int:
     import weakref
 
     import torch
-    from peft.tuners.lora import LoraLayer
 
     class FusedA:
         def __init__(self, modules, p: float):
@@ -516,19 +523,16 @@ def _fuse_lora_a(layers, shared_dropout: bool) -> int:
             return part
 
     fused = 0
-    for layer in layers:
-        for block_name, names in SAME_INPUT.items():
-            block = getattr(layer, block_name, None)
-            modules = [m for m in (getattr(block, n, None) for n in names)
-                       if isinstance(m, LoraLayer) and "_sft_lora_a" not in m.__dict__
-                       and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
-            rates = {getattr(d, "p", 0.0) for m in modules for d in m.lora_dropout.values()}
-            if len(modules) < 2 or len(rates) != 1 or (rates != {0.0} and not shared_dropout):
-                continue
-            group = FusedA(modules, rates.pop())
-            for m in modules:
-                m.__dict__["_sft_lora_a"] = group
-            fused += len(modules)
+    for modules in _same_input(layers):
+        modules = [m for m in modules
+                   if "_sft_lora_a" not in m.__dict__ and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+        rates = {getattr(d, "p", 0.0) for m in modules for d in m.lora_dropout.values()}
+        if len(modules) < 2 or len(rates) != 1 or (rates != {0.0} and not shared_dropout):
+            continue
+        group = FusedA(modules, rates.pop())
+        for m in modules:
+            m.__dict__["_sft_lora_a"] = group
+        fused += len(modules)
     return fused
 
 
