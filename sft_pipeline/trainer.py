@@ -98,6 +98,25 @@ SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, 
 SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def expandable_segments() -> None:
+    """Fewer, growable GPU memory segments: packed micro-batches change length every step and fragment fixed-size ones.
+
+    The variable is read when CUDA starts. A process that started CUDA before training (the flow's preflight reads the
+    free memory; a ``model.source=build`` model is built on the GPU) would keep fixed segments: on an H200 the seed's
+    job then reserved 132 GB for a 63.5 GiB peak (BENCHMARKS.md), which on an 80 GB card means allocator retries or
+    an out-of-memory fallback. So the setting is also applied to the running allocator. A value the user set in
+    ``PYTORCH_CUDA_ALLOC_CONF`` is kept (and applied as it is)."""
+    conf = os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    import torch
+
+    if torch.cuda.is_initialized():
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.12; earlier, the next
+        (setter or torch.cuda.memory._set_allocator_settings)(conf)
+
+
 def _liger(training: TrainingConfig, device: str) -> bool:
     if training.use_liger_kernel != "auto":
         return bool(training.use_liger_kernel)
@@ -665,9 +684,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
 
     speed = {**SPEED, **(speed or {})}
     if device == "cuda":
-        # fewer, growable segments: packed micro-batches change length every step and fragment fixed-size ones
-        # (read when CUDA starts; a process that started it earlier keeps its own setting)
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        expandable_segments()
     m = load_model(model_path, model, quantization, device, token, training=True, device_index=local_rank,
                    quant_storage="fsdp" in (parallel or {}), packed=training.packing)
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples

@@ -103,3 +103,54 @@ def test_mask_warm_up_leaves_flex_attention_compiled_for_any_length():
         assert packed_forward(1024) == 0 and packed_forward(700) == 0
     finally:
         torch._dynamo.reset()
+
+
+def _allocator_calls(monkeypatch, cuda_started: bool) -> list[str]:
+    import torch
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_started)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("cuda_started", [False, True])
+def test_growable_memory_segments_even_when_cuda_started_before_training(monkeypatch, cuda_started):
+    # the seed's job on an H200: the flow's preflight (or a model built on the GPU) had started CUDA before the train
+    # stage set the variable, and the allocator reserved 132 GB for a 63.5 GiB peak; the running allocator is told too
+    from sft_pipeline.trainer import ALLOC_CONF, expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    calls = _allocator_calls(monkeypatch, cuda_started)
+    expandable_segments()
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOC_CONF == "expandable_segments:True"
+    assert calls == ([ALLOC_CONF] if cuda_started else [])
+
+
+def test_the_users_allocator_setting_is_kept(monkeypatch):
+    from sft_pipeline import cli
+    from sft_pipeline.trainer import expandable_segments
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    calls = _allocator_calls(monkeypatch, True)
+    cli._quiet_env()
+    expandable_segments()
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128" and calls == ["max_split_size_mb:128"]
+
+
+def test_the_cli_sets_it_before_anything_starts_cuda(monkeypatch):
+    import os
+
+    from sft_pipeline import cli
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    for name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                 "TOKENIZERS_PARALLELISM", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+    cli._quiet_env()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
