@@ -34,8 +34,6 @@ def answer_metrics(model, tok, conversations: list[list[dict]], *, max_new_token
 
     Returns ``{"match": share, "ends_turn": share, "replies": [text, ...]}`` (shares in [0, 1]).
     """
-    import torch
-
     prompts, refs = [], []
     for i, conv in enumerate(conversations):
         last = max((j for j, m in enumerate(conv) if m["role"] == "assistant"), default=None)
@@ -44,24 +42,35 @@ def answer_metrics(model, tok, conversations: list[list[dict]], *, max_new_token
         prompts.append(tok.apply_chat_template(conv[:last], add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
         refs.append(conv[last]["content"])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_token_id
-    replies, ended = [], []
-    for start in range(0, len(prompts), BATCH):
-        chunk = prompts[start:start + BATCH]
-        width = max(map(len, chunk))
-        # left padding: every prompt ends where generation starts
-        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=end_token_id, pad_token_id=pad_id)
-        for row in out[:, width:].tolist():
-            stop = row.index(end_token_id) if end_token_id in row else None
-            ended.append(stop is not None)
-            replies.append(tok.decode(row[:stop], skip_special_tokens=True).strip())
+    out = generate_replies(model, tok, prompts, device=device, end_token_id=end_token_id,
+                           max_new_tokens=max_new_tokens, do_sample=False)
+    replies, ended = [text for text, _ in out], [stopped for _, stopped in out]
     n = len(refs) or 1
     return {"match": sum(normalize(r) == normalize(a) for r, a in zip(replies, refs)) / n,
             "ends_turn": sum(ended) / n, "replies": replies}
+
+
+def generate_replies(model, tok, prompts: list[list[int]], *, device: str, end_token_id: int,
+                     **generate_kwargs) -> list[tuple[str, bool]]:
+    """A reply to each tokenized prompt, generated ``BATCH`` prompts at a time (left-padded: every prompt ends where
+    generation starts). Returns ``(text up to the end token, whether the end token came)`` per prompt, in order.
+    A caller that samples seeds the generator before the call: the draws depend on the batch, not on one prompt."""
+    import torch
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_token_id
+    replies = []
+    for start in range(0, len(prompts), BATCH):
+        chunk = prompts[start:start + BATCH]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=end_token_id, pad_token_id=pad_id,
+                                 **generate_kwargs)
+        for row in out[:, width:].tolist():
+            stop = row.index(end_token_id) if end_token_id in row else None
+            replies.append((tok.decode(row[:stop], skip_special_tokens=True).strip(), stop is not None))
+    return replies
 
 
 def generation_metrics(peft_model, tok, messages_file: str | Path, *, samples: int, max_new_tokens: int,

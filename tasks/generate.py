@@ -1,7 +1,8 @@
 """Stage 7 — generate: sample replies from the base and the tuned model for a list of prompts.
 
 Saved as samples.json and samples.md (the run report shows them). The default prompt list includes the seed
-notebook's pirate prompt.
+notebook's pirate prompt. All prompts are generated together (left-padded batches of 16, as the evaluate stage's held-out
+answers), not one after another.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 
 from sft_pipeline.stage import StageContext
 
-VERSION = "2"
+VERSION = "3"  # 3: the prompts generated together (left-padded batches), the draws seeded once per model
 
 
 def _markdown(samples: list[dict], random_weights: bool) -> str:
@@ -27,33 +28,27 @@ def run(ctx: StageContext) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from sft_pipeline.answers import generate_replies
     from sft_pipeline.models import is_random, load_tuned
 
     cfg, adapter, generation = ctx.cfg, ctx.upstream["save_adapter"], ctx.cfg.generation
     tok = AutoTokenizer.from_pretrained(adapter.path)
     peft_model = load_tuned(ctx.base_model(), adapter.path, cfg.model, cfg.quantization, ctx.device, ctx.hf_token)
-    kwargs = dict(max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    kwargs = dict(max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample)
     if generation.do_sample:
         kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
+    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for m in generation.prompts]
 
-    def sample(inputs) -> tuple[str, bool]:
+    def replies() -> list[tuple[str, bool]]:  # all prompts at once (batches of 16): one decode step for all
         torch.manual_seed(generation.seed)
-        with torch.no_grad():
-            out = peft_model.generate(**inputs, **kwargs)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        finished = bool((new == tok.eos_token_id).any())  # stopped by EOS, not by max_new_tokens
-        return tok.decode(new, skip_special_tokens=True).strip(), finished
+        return generate_replies(peft_model, tok, prompts, device=ctx.device, end_token_id=tok.eos_token_id, **kwargs)
 
-    samples = []
-    for messages in generation.prompts:
-        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
-        tuned_text, tuned_finished = sample(inputs)
-        with peft_model.disable_adapter():
-            base_text, _ = sample(inputs)
-        samples.append({"messages": messages, "base": base_text, "tuned": tuned_text,
-                        "tuned_finished": tuned_finished})
+    tuned = replies()
+    with peft_model.disable_adapter():
+        base = replies()
+    samples = [{"messages": m, "base": b, "tuned": t, "tuned_finished": finished}
+               for m, (b, _), (t, finished) in zip(generation.prompts, base, tuned)]
     (ctx.out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     (ctx.out / "samples.md").write_text(_markdown(samples, is_random(cfg.model)))
     return {"prompts": len(samples), "tuned_finished": sum(s["tuned_finished"] for s in samples)}

@@ -96,3 +96,30 @@ print("REPLY:", tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_toke
     assert proc.returncode == 0, proc.stderr[-3000:]
     reply = proc.stdout.split("REPLY:", 1)[1].strip()
     assert reply and "<|" not in reply
+
+
+def test_prompts_generated_together_give_each_prompt_its_own_reply(tiny_run):
+    # the generate stage and the held-out answers decode all prompts in left-padded batches: greedy, a prompt's reply
+    # is the one it gets alone (prompts of different lengths: padding and positions must not leak into a reply)
+    from transformers import AutoTokenizer
+
+    from sft_pipeline.answers import generate_replies
+    from sft_pipeline.config import load_config
+    from sft_pipeline.models import load_tuned
+
+    store, summary, _ = tiny_run
+    adapter = summary["stages"]["save_adapter"]["artifact"]
+    cfg = load_config("tiny")
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
+    model = load_tuned(str(model_dir), adapter, cfg.model, cfg.quantization, "cpu")
+    chats = [[{"role": "user", "content": q}] for q in
+             ("What does the cow say?", "What colour is the sky on a clear summer day at noon, seen from a beach?",
+              "Count to three.")]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in chats]
+    assert len({len(p) for p in prompts}) == 3
+    kw = dict(device="cpu", end_token_id=tok.eos_token_id, max_new_tokens=12, do_sample=False)
+    together = generate_replies(model, tok, prompts, **kw)
+    alone = [generate_replies(model, tok, [p], **kw)[0] for p in prompts]
+    assert together == alone and any(text for text, _ in together)
