@@ -114,7 +114,10 @@ def expandable_segments() -> None:
 
     if torch.cuda.is_initialized():
         setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.12; earlier, the next
-        (setter or torch.cuda.memory._set_allocator_settings)(conf)
+        try:
+            (setter or torch.cuda.memory._set_allocator_settings)(conf)
+        except (RuntimeError, AttributeError) as e:  # training still runs, on the segments it has
+            log.warning("could not apply PYTORCH_CUDA_ALLOC_CONF=%s to the running allocator: %s", conf, e)
 
 
 def _liger(training: TrainingConfig, device: str) -> bool:

@@ -154,3 +154,24 @@ def test_the_cli_sets_it_before_anything_starts_cuda(monkeypatch):
         monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
     cli._quiet_env()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_an_allocator_that_refuses_the_setting_is_warned_about_not_fatal(monkeypatch):
+    import torch
+
+    from sft_pipeline.trainer import expandable_segments
+    from tests.conftest import capture_log
+
+    def refuse(conf):
+        raise RuntimeError("unrecognized allocator setting")
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse, raising=False)
+    logger, got = capture_log("sft_pipeline.train")
+    try:
+        expandable_segments()
+    finally:
+        logger.removeHandler(got)
+    assert any("could not apply PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in line and "unrecognized" in line
+               for line in got.lines), got.lines
