@@ -102,9 +102,9 @@ ALLOC_CONF = "expandable_segments:True"
 
 
 def expandable_segments() -> None:
-    """Fewer, growable GPU memory segments: packed micro-batches change length every step and fragment fixed-size ones.
+    """Fewer, growable GPU memory segments: packed micro-batches change length every step and fragment fixed ones.
 
-    The variable is read when CUDA starts. A process that started CUDA before training (the flow's preflight reads the
+    The variable is read when CUDA starts. A process that started CUDA before training (the CLI's preflight reads the
     free memory; a ``model.source=build`` model is built on the GPU) would keep fixed segments: on an H200 the seed's
     job then reserved 132 GB for a 63.5 GiB peak (BENCHMARKS.md), which on an 80 GB card means allocator retries or
     an out-of-memory fallback. So the setting is also applied to the running allocator. A value the user set in
@@ -113,7 +113,8 @@ def expandable_segments() -> None:
     import torch
 
     if torch.cuda.is_initialized():
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.12; earlier, the next
+        # torch >= 2.12 names it _accelerator_setAllocatorSettings; earlier ones torch.cuda.memory's
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
         try:
             (setter or torch.cuda.memory._set_allocator_settings)(conf)
         except (RuntimeError, AttributeError) as e:  # training still runs, on the segments it has

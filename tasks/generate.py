@@ -1,8 +1,8 @@
 """Stage 7 — generate: sample replies from the base and the tuned model for a list of prompts.
 
 Saved as samples.json and samples.md (the run report shows them). The default prompt list includes the seed
-notebook's pirate prompt. All prompts are generated together (left-padded batches of 16, as the evaluate stage's held-out
-answers), not one after another.
+notebook's pirate prompt. All prompts are generated together (left-padded batches of 16, as the evaluate stage's
+held-out answers), not one after another.
 """
 from __future__ import annotations
 

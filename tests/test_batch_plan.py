@@ -148,10 +148,9 @@ def test_the_cli_sets_it_before_anything_starts_cuda(monkeypatch):
 
     from sft_pipeline import cli
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    for name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-                 "TOKENIZERS_PARALLELISM", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM",
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.delenv(name, raising=False)  # what _quiet_env sets: restored after the test
     cli._quiet_env()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, STAGES, run_flow
+from tests.conftest import ROOT, STAGES, run_flow, tiny_trainer_inputs
 
 
 
@@ -101,17 +101,13 @@ print("REPLY:", tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_toke
 def test_prompts_generated_together_give_each_prompt_its_own_reply(tiny_run):
     # the generate stage and the held-out answers decode all prompts in left-padded batches: greedy, a prompt's reply
     # is the one it gets alone (prompts of different lengths: padding and positions must not leak into a reply)
-    from transformers import AutoTokenizer
-
     from sft_pipeline.answers import generate_replies
     from sft_pipeline.config import load_config
     from sft_pipeline.models import load_tuned
 
-    store, summary, _ = tiny_run
-    adapter = summary["stages"]["save_adapter"]["artifact"]
+    _, tok, model_dir = tiny_trainer_inputs(tiny_run, 1)
+    adapter = tiny_run[1]["stages"]["save_adapter"]["artifact"]
     cfg = load_config("tiny")
-    tok = AutoTokenizer.from_pretrained(adapter)
-    model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
     model = load_tuned(str(model_dir), adapter, cfg.model, cfg.quantization, "cpu")
     chats = [[{"role": "user", "content": q}] for q in
              ("What does the cow say?", "What colour is the sky on a clear summer day at noon, seen from a beach?",
