@@ -8,7 +8,9 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 /dev/shm). Warm-up optimizer steps are excluded. Settings:
 
 - ``notebook``: the seed notebook: trl SFTTrainer, packing, batch 1, gradient checkpointing (non-reentrant)
-- ``liger2``: the best plain trl setting measured before: packing, batch 2, no checkpointing, Liger kernels
+- ``liger2``: the best plain trl setting measured before: packing, batch 2, no checkpointing, Liger kernels;
+  ``liger4`` / ``liger8``: the same with batch 4 / 8 (accumulation 4 / 2): whether a card with more memory gives the
+  plain setting a larger batch that pays
 - ``project``: ``tasks.train.build_trainer`` with the ``mistral-7b-qlora`` recipe, as the flow runs it (attention:
   flash-attn if installed, else PyTorch's flash-attention varlen kernel for packed rows, else flex attention)
 - ``project-flex``: the same with ``model.attn_implementation=flex_attention`` (per-sequence attention for packed
@@ -28,9 +30,16 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``splita``: the default with one A GEMM per adapter, instead of the A matrices of the adapters that read one
   input as one GEMM (``trainer._fuse_lora_a``, the default; measured as ``fuseda`` before it was)
 - ``mb16``: the default with the measured plan allowed up to micro-batch 16 (cap 8 is the default)
+- ``keep4bit``: the default with the 4-bit base dequantized in every forward and backward, as bitsandbytes does,
+  even where the plan leaves room to keep the weights dequantized (``sft_pipeline/base_weights.py``, the default)
 - ``eval``: not training: the evaluate stage's scoring of 300 rows as the stage does it here (padding-free rows with
   the varlen kernel), tuned and base, twice (``run_eval``); ``eval64``: batches padded to a multiple of 64, SDPA
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
+- ``...@cudafirst``: the same in a process that started CUDA (1 GiB allocated and freed) before the train stage's
+  code, as the CLI's preflight and a GPU-built model do in the flow; ``...@fixedseg``: with
+  ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False`` (the allocator the flow had before the train stage applied
+  expandable segments to a running allocator). Every setting reports the allocator's reserved peak beside the peak
+  allocated
 - ``...@prof``: the same, with the torch profiler on for the last warm-up optimizer step (not timed): GPU time by
   kind of kernel, the busy share of the step's wall time, host-device syncs; the 25 longest kernels in the log
 
@@ -55,10 +64,13 @@ SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate
           "project": {}, "mb8": {"cap": 8}, "mb4": {"cap": 4}, "compile": {"compile": True}, "nodrop": {},
           "workers2": {"workers": 2}, "peftlora": {"lora_add": "peft", "lora_a": "per-module"},
           "sharedrop": {"lora_add": "peft", "lora_a": "per-module"},
-          "addmm": {"lora_a": "per-module"}, "splita": {"lora_a": "per-module"}, "mb16": {"cap": 16}}
+          "addmm": {"lora_a": "per-module"}, "splita": {"lora_a": "per-module"}, "mb16": {"cap": 16},
+          "keep4bit": {"base": "4bit"}}
 OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"],
              "peftlora": ["lora.shared_dropout=false"], "addmm": ["lora.shared_dropout=false"]}
-KNOWN = [*SPEEDS, "project-flex", "notebook", "liger2", "eval", "eval64"]
+PLAIN = {"notebook": (1, True, False), "liger2": (2, False, True), "liger4": (4, False, True),
+         "liger8": (8, False, True)}  # plain trl: batch, gradient checkpointing, Liger
+KNOWN = [*SPEEDS, "project-flex", *PLAIN, "eval", "eval64"]
 DATA = Path("/dev/shm/sft-bench/data.parquet")
 PEAK_TFLOPS = 790  # bf16 dense matmul measured on the H100 here (../shared/STACK.md)
 EFFECTIVE_BATCH = 16
@@ -121,6 +133,7 @@ def _timer(result: dict):
             result["seconds"] = round(dt, 2)
             result["tok_s"] = round(result["tokens"] / dt)
             result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            result["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
             from torch._dynamo.utils import counters
 
             result["dynamo"] = {k: sum(v.values()) for k, v in counters.items() if k in ("stats", "graph_break",
@@ -237,6 +250,10 @@ def run_one(setting: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    if "@fixedseg" in setting:  # a user's value: the train stage keeps it
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
+    if "@cudafirst" in setting:  # CUDA started before training, as in the flow
+        torch.empty(2**30, dtype=torch.uint8, device="cuda")  # freed at once, kept in the allocator's cache
     ds = datasets.Dataset.from_parquet(str(DATA))
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     result: dict = {"setting": setting}
@@ -261,7 +278,7 @@ def run_one(setting: str) -> dict:
                                          extra_callbacks=callbacks, speed=speed)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
-        for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules"):
+        for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules", "dequantized_modules"):
             if key in metrics:
                 result["settings"][key] = metrics[key]
     else:
@@ -269,7 +286,7 @@ def run_one(setting: str) -> dict:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         from trl import SFTConfig, SFTTrainer
 
-        bs, ckpt, liger = {"notebook": (1, True, False), "liger2": (2, False, True)}[setting]
+        bs, ckpt, liger = PLAIN[setting.split("@")[0]]
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), quantization_config=quant, device_map={"": 0},
@@ -329,7 +346,7 @@ def main() -> None:
     order = a.order.split(",") if a.order else [s for _ in range(a.runs) for s in a.settings.split(",")]
     unknown = [s for s in order if s.split("@")[0] not in KNOWN]
     if unknown:  # before the GPU work below: a typo must not cost a call's prepare time
-        p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} (suffixes: @hold<GiB>, @prof)")
+        p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} (suffixes: @hold<GiB>, @prof, @cudafirst, @fixedseg)")
     t0 = time.monotonic()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     # built in a child process: the parent never holds GPU memory (its allocator's cache would shrink every plan)
@@ -368,7 +385,8 @@ def main() -> None:
     base = med.get("notebook")
     print(f"\n{card}, effective batch {EFFECTIVE_BATCH}, {TIMED_STEPS} timed optimizer steps after {WARM_STEPS} warm-up")
     print(", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"{'setting':<16}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'x notebook':>12}{'MFU':>7}")
+    print(f"{'setting':<16}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'reserved':>10}{'x notebook':>12}"
+          f"{'MFU':>7}")
     for s, rs in results.items():
         ok = [r for r in rs if "tok_s" in r]
         if not ok:
@@ -381,7 +399,9 @@ def main() -> None:
         mfu = med[s] * (2 if s.startswith("eval") else 4) * n_params / (PEAK_TFLOPS * 1e12)
         plan = ok[0].get("settings", {}).get("batch_plan", {})
         mb = f"{plan.get('per_device_batch_size', ok[0].get('settings', {}).get('per_device_batch_size'))}"
-        print(f"{s:<16}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{ratio:>12}{mfu:>7.1%}"
+        reserved = max(r.get("reserved_gib", 0) for r in ok)
+        print(f"{s:<16}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{reserved:>10.1f}{ratio:>12}"
+              f"{mfu:>7.1%}"
               f"  mb {mb} {ok[0].get('dynamo', '')}")
 
 
