@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sft_pipeline import faults
+from sft_pipeline import base_weights, faults
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrainingConfig
 from sft_pipeline.errors import StageFailure, is_oom
 from sft_pipeline.store import fsync_tree, write_json_atomic
@@ -71,7 +71,8 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
         need = fixed + micro * per_seq
         if need <= usable:
             return {**plan, "per_device_batch_size": micro, "gradient_accumulation_steps": effective // micro,
-                    "gradient_checkpointing": False, "need_gib": round(need / 2**30, 1)}
+                    "gradient_checkpointing": False, "need_gib": round(need / 2**30, 1),
+                    "spare_gib": round((usable - need) / 2**30, 2)}
     per_layer_saved = per_seq / layers * (1 - ckpt_ratio)
     for ckpt in range(1, layers + 1):
         need = fixed + per_seq - ckpt * per_layer_saved
@@ -91,10 +92,12 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # alone on an H200) or "peft" (peft's forward: an output copy, a scaling multiply and an add as three more passes);
 # lora_a: "fused" (the adapters that read one input, q/k/v, run their A matrices as one GEMM, see _fuse_lora_a: +1.3 %
 # on an H200; needs lora_add addmm and one dropout mask per input) or "per-module" (one GEMM per adapter). Neither
-# fused path runs under FSDP (lora_glue).
+# fused path runs under FSDP (lora_glue). base: "auto" (a 4-bit base is kept dequantized when the measured plan's
+# micro-batch leaves room for it, see sft_pipeline/base_weights.py; one process only) or "4bit" (dequantized in every
+# forward and backward, as bitsandbytes does).
 # How LoRA dropout draws its masks is the recipe's lora.shared_dropout (+1.5 % and 16 % less peak memory when shared).
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
-         "lora_add": "addmm", "lora_a": "fused"}
+         "lora_add": "addmm", "lora_a": "fused", "base": "auto"}
 SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
@@ -765,6 +768,10 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         _compile_layers(layers)
     if measure:
         plan = measured_plan(trainer, training, max_length, len(layers), speed["cap"], world_size)
+        extra = base_weights.extra_bytes(trainer.model) if speed["base"] == "auto" and world_size == 1 else 0
+        if base_weights.room_for(plan, extra):
+            metrics["dequantized_modules"] = base_weights.keep_dequantized(trainer.model)
+            plan["dequantized_gib"] = round(extra / 2**30, 1)
     elif speed["warm"] and device == "cuda" and m.config._attn_implementation == "flex_attention":
         _warm_masks(trainer)
     if world_size > 1:  # ranks that planned differently would hang at the first collective: all take one plan
