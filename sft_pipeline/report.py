@@ -141,7 +141,30 @@ def _train_section(tr: dict) -> list[str]:
                      f"batch)")
     if "peak_gpu_gib" in tr:
         lines.append(f"- peak GPU memory: {tr['peak_gpu_gib']:.1f} GiB")
+    if settings := _how_it_ran(tr):
+        lines.append(f"- how it ran: {settings}")
     return ["## Training", "", *lines] if lines else []
+
+
+def _how_it_ran(tr: dict) -> str:
+    """The batch plan and speed settings the train stage chose (``trainer.build_trainer``'s metrics), in words."""
+    plan = tr.get("batch_plan") or {}
+    parts = []
+    if "per_device_batch_size" in plan:
+        micro, acc = plan["per_device_batch_size"], plan.get("gradient_accumulation_steps", 1)
+        ranks = f" on {plan['world_size']} GPUs" if plan.get("world_size", 1) > 1 else ""
+        how = "measured" if "measured_gib" in plan else "planned" if plan.get("auto") else "as the recipe sets"
+        parts.append(f"micro-batch {micro} x accumulation {acc}{ranks} ({how})")
+        layers = plan.get("checkpointed_layers")
+        parts.append(f"gradient checkpointing on {layers} layers" if layers else "gradient checkpointing"
+                     if plan.get("gradient_checkpointing") else "no gradient checkpointing")
+    if tr.get("attn_implementation"):
+        parts.append(f"attention {tr['attn_implementation']}")
+    if tr.get("liger"):
+        parts.append("Liger kernels")
+    if plan.get("dequantized_gib"):
+        parts.append(f"4-bit base kept dequantized (+{plan['dequantized_gib']:.1f} GiB)")
+    return ", ".join(parts)
 
 
 def markdown(summary: dict, health: dict | None, png: bytes | None) -> str:

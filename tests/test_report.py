@@ -94,3 +94,22 @@ def test_markdown_links_the_wandb_run():
     md = report.markdown({"recipe": "tiny", "status": "Completed", "wandb": {"url": "https://wandb.ai/u/p/runs/x"}},
                          None, None)
     assert "W&B run: [https://wandb.ai/u/p/runs/x](https://wandb.ai/u/p/runs/x)" in md
+
+
+def test_the_report_says_how_training_ran():
+    measured = {"per_device_batch_size": 8, "gradient_accumulation_steps": 2, "gradient_checkpointing": False,
+                "checkpointed_layers": 0, "auto": True, "measured_gib": {"1": 7.56, "2": 14.9}, "dequantized_gib": 9.6}
+    page = report.markdown({**SUMMARY, "train": {**SUMMARY["train"], "batch_plan": measured, "liger": True,
+                                                 "attn_implementation": "varlen"}}, None, None)
+    assert ("- how it ran: micro-batch 8 x accumulation 2 (measured), no gradient checkpointing, attention varlen, "
+            "Liger kernels, 4-bit base kept dequantized (+9.6 GiB)") in page
+    tight = {**measured, "per_device_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True,
+             "checkpointed_layers": 12, "dequantized_gib": None, "world_size": 2}
+    line = report._how_it_ran({"batch_plan": tight, "liger": False, "attn_implementation": "sdpa"})
+    assert line == "micro-batch 1 x accumulation 16 on 2 GPUs (measured), gradient checkpointing on 12 layers, " \
+                   "attention sdpa"
+    recipe = {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
+              "auto": False}
+    assert report._how_it_ran({"batch_plan": recipe}) == \
+        "micro-batch 2 x accumulation 4 (as the recipe sets), gradient checkpointing"
+    assert "how it ran" not in report.markdown(SUMMARY, None, None)  # an older run's metrics: no line
