@@ -346,7 +346,8 @@ def main() -> None:
     order = a.order.split(",") if a.order else [s for _ in range(a.runs) for s in a.settings.split(",")]
     unknown = [s for s in order if s.split("@")[0] not in KNOWN]
     if unknown:  # before the GPU work below: a typo must not cost a call's prepare time
-        p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} (suffixes: @hold<GiB>, @prof, @cudafirst, @fixedseg)")
+        p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} "
+                "(suffixes: @hold<GiB>, @prof, @cudafirst, @fixedseg)")
     t0 = time.monotonic()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     # built in a child process: the parent never holds GPU memory (its allocator's cache would shrink every plan)

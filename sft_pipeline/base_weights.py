@@ -63,7 +63,7 @@ def keep_dequantized(model) -> int:
 
     layers = _four_bit(model)
     count = len(layers)
-    while layers:  # one at a time, each 4-bit weight freed before the next: memory grows to `extra_bytes` and no more
+    while layers:  # one at a time, each 4-bit weight freed before the next: memory grows by about extra_bytes
         parent, name, layer = layers.pop()
         dtype = _compute_dtype(layer)
         weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
