@@ -207,7 +207,8 @@ class TrainingConfig(Section):
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint every M minutes of training")
     save_total_limit: int = Field(2, ge=1, description="keep the last K checkpoints")
     auto_batch: bool = Field(True, description="on CUDA: pick micro-batch, accumulation and checkpointing to fill "
-                                                "free GPU memory, keeping the effective batch")
+                                                "free GPU memory, keeping the effective batch; memory the micro-batch "
+                                                "leaves keeps a 4-bit base dequantized (faster, same numbers)")
     @field_validator("eval_strategy", mode="before")
     @classmethod
     def _yaml_no(cls, v):  # YAML reads a bare `no` as false

@@ -1,6 +1,7 @@
 """Stage 4 — train: QLoRA with trl's SFTTrainer on the token ids of the format stage.
 
-The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too), LoRA is added by peft,
+The base model is loaded 4-bit (bitsandbytes nf4, double quant; it works on CPU too; on CUDA kept dequantized when
+the measured batch plan leaves the room, ``sft_pipeline/base_weights.py``), LoRA is added by peft,
 attention is flash-attn when importable, else SDPA (flex attention for training on CUDA). Trainer checkpoints go to
 the stage's work dir (``<store>/.work/train/<key>``) every ``training.save_steps`` steps and every
 ``training.save_minutes`` minutes, keeping the last ``training.save_total_limit``; a rerun after a crash resumes from
