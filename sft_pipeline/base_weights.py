@@ -6,8 +6,8 @@ for a packed micro-batch it unpacks the nested absmax, dequantizes the weight in
 on the same numbers, without the dequantization kernels (2.2 % of an H200 step, BENCHMARKS.md) and the buffers
 they fill (a 7B's 13 GiB of weights twice a micro-batch, forward and backward): +2.5 % on an H200. It costs
 memory: a 7B's linear layers take 13.0 GiB in bf16 instead of 3.4 GiB in nf4, so the train stage does it only when
-the measured batch plan's micro-batch leaves that much room (``trainer.build_trainer``). QLoRA's point, training a 7B on a small card, is untouched: there the plan
-leaves no room and the weights stay 4-bit.
+the measured batch plan's micro-batch leaves that much room (``trainer.build_trainer``). QLoRA's point, training a
+7B on a small card, is untouched: there the plan leaves no room and the weights stay 4-bit.
 """
 from __future__ import annotations
 
