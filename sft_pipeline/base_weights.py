@@ -73,5 +73,5 @@ def keep_dequantized(model) -> int:
             new.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
         new.train(layer.training)
         setattr(parent, name, new)
-        del layer, weight  # the 4-bit weight goes with the old layer
+        del layer  # the 4-bit weight goes with the old layer, before the next is dequantized
     return count
