@@ -32,6 +32,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
 - ``mb16``: the default with the measured plan allowed up to micro-batch 16 (cap 8 is the default)
 - ``keep4bit``: the default with the 4-bit base dequantized in every forward and backward, as bitsandbytes does,
   even where the plan leaves room to keep the weights dequantized (``sft_pipeline/base_weights.py``, the default)
+- ``torchvarlen``: the default with PyTorch's varlen attention kernel even where flash-attention 4 is installed
+  (``sft_pipeline/varlen.py`` chooses flash-attention 4 there)
 - ``eval``: not training: the evaluate stage's scoring of 300 rows as the stage does it here (padding-free rows with
   the varlen kernel), tuned and base, twice (``run_eval``); ``eval64``: batches padded to a multiple of 64, SDPA
 - ``...@hold30``: the same while another process holds 30 GiB of the GPU (started before, kept to the end)
@@ -65,7 +67,7 @@ SPEEDS = {"old": {"plan": "estimate", "head": "trl"}, "lean": {"plan": "estimate
           "workers2": {"workers": 2}, "peftlora": {"lora_add": "peft", "lora_a": "per-module"},
           "sharedrop": {"lora_add": "peft", "lora_a": "per-module"},
           "addmm": {"lora_a": "per-module"}, "splita": {"lora_a": "per-module"}, "mb16": {"cap": 16},
-          "keep4bit": {"base": "4bit"}}
+          "keep4bit": {"base": "4bit"}, "torchvarlen": {"attention": "torch"}}
 OVERRIDES = {"project-flex": ["model.attn_implementation=flex_attention"], "nodrop": ["lora.dropout=0"],
              "peftlora": ["lora.shared_dropout=false"], "addmm": ["lora.shared_dropout=false"]}
 PLAIN = {"notebook": (1, True, False), "liger2": (2, False, True), "liger4": (4, False, True),
@@ -278,7 +280,8 @@ def run_one(setting: str) -> dict:
                                          extra_callbacks=callbacks, speed=speed)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
-        for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules", "dequantized_modules"):
+        for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules", "dequantized_modules",
+                    "attention_kernel"):
             if key in metrics:
                 result["settings"][key] = metrics[key]
     else:
@@ -287,6 +290,10 @@ def run_one(setting: str) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         bs, ckpt, liger = PLAIN[setting.split("@")[0]]
+        if liger:  # the Triton kernels the project runs too (Liger would pick CuTe DSL ones where CUTLASS imports)
+            from sft_pipeline.trainer import pin_liger_triton
+
+            pin_liger_triton()
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), quantization_config=quant, device_map={"": 0},
@@ -311,7 +318,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "flash-attn"):
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "flash-attn", "flash-attn-4",
+                 "nvidia-cutlass-dsl"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -87,9 +87,10 @@ class ModelConfig(Section):
                       "GGUF file (a path, or package:<package>/<file> inside an installed package)")
     revision: str = "main"
     requires_token: bool = Field(False, description="gated on the hub: fail early when no HF token is found")
-    # on CUDA: auto = flash-attn if installed, else for packed rows (training with packing, the evaluate stage's
-    # scoring) PyTorch's flash-attention varlen kernel (varlen: +3.8% over flex on an H200, the same memory), else
-    # flex for training and padded SDPA for scoring; generation: SDPA
+    # on CUDA: auto = flash-attn 2 if installed, else for packed rows (training with packing, the evaluate stage's
+    # scoring) varlen: PyTorch's flash-attention varlen kernel (+3.8% over flex on an H200, the same memory), or
+    # flash-attention 4's where installed (+3.5% more on an H200), else flex for training and padded SDPA for scoring;
+    # generation: SDPA
     attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "varlen", "sdpa", "eager"] = "auto"
     # only for source=build: architecture overrides on top of the named preset (`tiny-mistral`, `mistral-7b`)
     build: dict[str, Any] = Field(default_factory=dict)

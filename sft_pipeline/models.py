@@ -188,8 +188,8 @@ def compute_dtype(quant_cfg, device: str):
 
 
 def attn_implementation(model_cfg, device: str, training: bool = False, packed: bool = False) -> str:
-    """auto: flash-attn when installed; else, on CUDA, for packed rows (padding-free: training with packing, and the
-    evaluate stage's scoring) PyTorch's flash-attention varlen kernel when this torch has it
+    """auto: flash-attn 2 when installed; else, on CUDA, for packed rows (padding-free: training with packing, and the
+    evaluate stage's scoring) the varlen attention when this torch has its kernel or flash-attention 4 is installed
     (``sft_pipeline/varlen.py``; +3.8% over flex on an H200); else, for training, flex attention (a block-sparse mask
     instead of SDPA's dense masked attention: 1.7x faster than SDPA on an H100); else SDPA. ``varlen`` asked for
     explicitly is used for packed rows on CUDA only (generation pads its batches: SDPA)."""
@@ -202,18 +202,26 @@ def attn_implementation(model_cfg, device: str, training: bool = False, packed: 
     if model_cfg.attn_implementation != "auto":
         return model_cfg.attn_implementation
     if device == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
+        if flash_attn_2_installed():
             return "flash_attention_2"
-        except ImportError:
-            from sft_pipeline import varlen
+        from sft_pipeline import varlen
 
-            if packed and varlen.available():
-                return varlen.register()
-            if training:
-                return "flex_attention"
+        if packed and varlen.available():
+            return varlen.register()
+        if training:
+            return "flex_attention"
     return "sdpa"
+
+
+def flash_attn_2_installed() -> bool:
+    """The flash-attn 2 package, by its own module: flash-attention 4 installs only ``flash_attn.cute``, and a bare
+    ``import flash_attn`` then succeeds (a namespace package) without flash-attn 2's kernels."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("flash_attn.flash_attn_interface") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def attn_label(implementation: str) -> str:

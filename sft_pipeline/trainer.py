@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sft_pipeline import base_weights, faults
+from sft_pipeline import base_weights, faults, varlen
 from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrainingConfig
 from sft_pipeline.errors import StageFailure, is_oom
 from sft_pipeline.store import fsync_tree, write_json_atomic
@@ -94,10 +94,12 @@ def choose_batch(effective: int, available: int, fixed: int, per_seq: int, layer
 # on an H200; needs lora_add addmm and one dropout mask per input) or "per-module" (one GEMM per adapter). Neither
 # fused path runs under FSDP (lora_glue). base: "auto" (a 4-bit base is kept dequantized when the measured plan's
 # micro-batch leaves room for it, see sft_pipeline/base_weights.py; one process only) or "4bit" (dequantized in every
-# forward and backward, as bitsandbytes does).
+# forward and backward, as bitsandbytes does). attention: the kernel under varlen attention, "auto" (flash-attention 4
+# where installed on a Hopper/Blackwell GPU and checked once per process, else PyTorch's; sft_pipeline/varlen.py) or
+# "torch" (PyTorch's).
 # How LoRA dropout draws its masks is the recipe's lora.shared_dropout (+1.5 % and 16 % less peak memory when shared).
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": MICRO_CAP, "warm": True, "workers": 0,
-         "lora_add": "addmm", "lora_a": "fused", "base": "auto"}
+         "lora_add": "addmm", "lora_a": "fused", "base": "auto", "attention": "auto"}
 SAME_INPUT = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # per decoder layer
 
 
@@ -134,6 +136,27 @@ def _liger(training: TrainingConfig, device: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+LIGER_IMPL = "nvidia-triton"
+
+
+def pin_liger_triton() -> str | None:
+    """Keep Liger on its Triton kernels, the ones measured (BENCHMARKS.md); returns the pinned name, or None.
+
+    Liger >= 0.8.5 picks a kernel set per op when it is called, and prefers its CuTe DSL kernels wherever NVIDIA's
+    CUTLASS DSL imports, which flash-attention 4 installs. On an H200 with packed rows that made the whole step 42 %
+    slower (17,527 -> 10,060 tok/s, the same attention kernel). A user's own choice (``LIGER_KERNEL_IMPL``, or a
+    per-op ``LIGER_KERNEL_IMPL_<OP>``, which Liger reads first) is kept; an older Liger has Triton kernels only."""
+    if os.environ.get("LIGER_KERNEL_IMPL") or os.environ.get("LIGER_KERNEL_BACKEND"):
+        return None
+    try:
+        from liger_kernel.backends import get_impl, set_impl
+    except ImportError:
+        return None
+    if get_impl() is None:
+        set_impl(LIGER_IMPL)
+    return get_impl()
 
 
 def _callbacks(training: TrainingConfig, metrics: dict, total_tokens: int):
@@ -692,6 +715,7 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     speed = {**SPEED, **(speed or {})}
     if device == "cuda":
         expandable_segments()
+        varlen.use_kernel(speed["attention"])
     m = load_model(model_path, model, quantization, device, token, training=True, device_index=local_rank,
                    quant_storage="fsdp" in (parallel or {}), packed=training.packing)
     # no KV cache in training: with a cache, transformers ignores packed position_ids and attends across examples
@@ -715,6 +739,8 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
     bf16 = device == "cuda" and m.dtype == torch.bfloat16
     optim = "adamw_torch_fused" if device == "cuda" and training.optim == "adamw_torch" else training.optim
     liger = _liger(training, device)
+    if liger:
+        pin_liger_triton()
     head = speed["head"] if speed["head"] != "auto" else ("liger" if liger else "lean") if device == "cuda" else "trl"
     if head == "liger" and "fsdp" in (parallel or {}):  # FSDP holds the head's weight sharded outside its forward
         head = "lean"
@@ -783,12 +809,13 @@ def build_trainer(train_ds, eval_ds, tok, model_path: str, model: ModelConfig, q
         metrics["batch_plan"] = plan
     if plan.get("checkpointed_layers"):
         trainer.add_callback(_selective_checkpointing(layers, plan["checkpointed_layers"]))
+    if m.config._attn_implementation == varlen.VARLEN:  # which kernel (chosen by the plan's probe steps if measured)
+        metrics["attention_kernel"] = varlen.kernel_label()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw per-step dicts on stdout; sft_pipeline.progress logs one line
-    log.info("training settings: %s", json.dumps({k: metrics[k] for k in ("batch_plan", "liger", "optim",
-                                                                               "attn_implementation", "head",
-                                                                               "compile")}))
+    shown = ("batch_plan", "liger", "optim", "attn_implementation", "attention_kernel", "head", "compile")
+    log.info("training settings: %s", json.dumps({k: metrics[k] for k in shown if k in metrics}))
     return trainer, metrics
 
 

@@ -6,25 +6,35 @@ starts, and attends within each conversation only. flash-attn has no wheel for t
 kind of kernel as ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA). Registered with transformers
 under the name ``VARLEN`` (``model.attn_implementation: varlen``), for packed rows only: training with packing and
 the evaluate stage's scoring (generation pads its batches and uses SDPA).
+
+The kernel under it: flash-attention 4 (the ``flash-attn-4`` package: pure-Python wheels, kernels compiled on first
+use by NVIDIA's CuTe DSL) on Hopper and Blackwell GPUs when it is installed and, checked once per process, gives the
+same output and gradients as per-sequence SDPA on a small packed row; else PyTorch's own. ``use_kernel("torch")``
+keeps PyTorch's (the benchmark compares the two).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import weakref
 
+log = logging.getLogger("sft_pipeline.varlen")
 VARLEN = "sft_varlen"
 _seqlens: dict = {"ref": None, "value": None}  # the last position_ids seen and its (cu_seqlens, max_len)
 
 
 def available() -> bool:
+    """Whether a varlen kernel can run here: CUDA with this torch's kernel or flash-attention 4."""
     import torch
 
+    if not torch.cuda.is_available():
+        return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return _fa4_function() is not None
+    return True
 
 
 def cu_seqlens(position_ids):
@@ -48,10 +58,108 @@ def cu_seqlens(position_ids):
     return value
 
 
-def _kernel():
+FA4_ARCHS = (9, 10)  # compute capability majors flash-attention 4 targets (Hopper, Blackwell); measured on 9 only
+_choice: dict = {"use": "auto", "kernel": None}  # "auto" or "torch"; the kernel chosen for this process
+
+
+def use_kernel(use: str) -> None:
+    """``"auto"``: flash-attention 4 where it is installed, targets this GPU and agrees with the reference (checked
+    once per process); ``"torch"``: PyTorch's kernel. Takes effect at the next attention call."""
+    if use not in ("auto", "torch"):
+        raise ValueError(f"varlen kernel: {use!r} is not one of auto, torch")
+    _choice.update(use=use, kernel=None)
+
+
+def _torch_kernel():
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn
+
+
+def _fa4_function():
+    """flash-attention 4's varlen function, or None when it is not installed (or does not import)."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - a beta package whose compiler stack may be missing pieces: use torch's kernel
+        return None
+    return flash_attn_varlen_func
+
+
+def fa4_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False, enable_gqa=False):
+    """flash-attention 4 behind torch's ``varlen_attn`` call: (tokens, heads, dim) in and out. Grouped key/value
+    heads are taken as they are (``enable_gqa`` is accepted for the same call and needs nothing)."""
+    out = _fa4_function()(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                          softmax_scale=scale, causal=is_causal)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False, enable_gqa=False):
+    """The same call computed per sequence with SDPA: what a kernel must agree with (and the CPU tests' kernel)."""
+    import torch
+
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=is_causal, scale=scale, enable_gqa=ks.size(1) != qs.size(1))[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def agrees(kernel, device, dtype) -> bool:
+    """Whether ``kernel`` gives per-sequence causal attention's output and gradients on a small packed row with
+    grouped heads (3 sequences, 8 query and 2 key/value heads of 128), within bf16 tolerance. Raising counts as no."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(120, h, 128, device=device, dtype=dtype, generator=g).requires_grad_() for h in (8, 2, 2))
+    cu = torch.tensor([0, 40, 96, 120], dtype=torch.int32, device=device)
+    try:
+        with torch.enable_grad():  # the first call may come from an evaluation under no_grad
+            got = kernel(q, k, v, cu, cu, 56, 56, is_causal=True, enable_gqa=True)
+            grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+            want = reference(q, k, v, cu, cu, 56, 56, is_causal=True)
+            want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    except Exception as e:  # noqa: BLE001 - any failure of the candidate kernel means: do not use it
+        log.warning("flash-attention 4 failed its check (%s: %s); using PyTorch's varlen kernel",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
+    def close(a, b) -> bool:  # bf16 rounds 0.4 % of a value; summed over grouped heads, ~1 % of the largest
+        return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= 0.02 * float(b.abs().max())
+
+    ok = close(got, want) and all(close(a, b) for a, b in zip(grads, want_grads))
+    if not ok:
+        log.warning("flash-attention 4 differs from per-sequence attention on a test row; using PyTorch's varlen "
+                    "kernel")
+    return ok
+
+
+def _kernel():
+    """The kernel for this process (chosen at the first attention call; see ``use_kernel``)."""
+    if _choice["kernel"] is None:
+        _choice["kernel"] = _choose()
+    return _choice["kernel"]
+
+
+def _choose(device: str = "cuda"):
+    import torch
+
+    if _choice["use"] == "auto" and _fa4_targets(device) and _fa4_function() is not None \
+            and agrees(fa4_kernel, device, torch.bfloat16):
+        log.info("attention: flash-attention 4's varlen kernel")
+        return fa4_kernel
+    return _torch_kernel()
+
+
+def _fa4_targets(device: str) -> bool:
+    import torch
+
+    return device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in FA4_ARCHS
+
+
+def kernel_label() -> str:
+    """Which kernel the varlen attention runs (chosen now if no attention call has chosen it yet): ``flash-attn 4``
+    or ``torch``."""
+    return "flash-attn 4" if _kernel() is fa4_kernel else "torch"
 
 
 @functools.lru_cache(maxsize=None)

@@ -123,3 +123,32 @@ def test_liger_head_puts_the_lm_head_back_when_the_forward_fails(liger_stub):
         _fast_loss(object, "liger").compute_loss(_trainer_self(peft_model), Broken(peft_model), _inputs(),
                                                  num_items_in_batch=torch.tensor(8))
     assert peft_model.get_base_model().lm_head is head
+
+
+@pytest.mark.parametrize("env", [None, "LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND"])
+def test_liger_is_kept_on_its_triton_kernels(monkeypatch, env):
+    """Liger >= 0.8.5 prefers its CuTe DSL kernels wherever NVIDIA's CUTLASS DSL imports (flash-attention 4 installs
+    it): 42 % slower on an H200 (BENCHMARKS.md). The train stage pins the Triton kernels it measured, unless the user
+    chose (their environment variable is kept), and does nothing on a Liger without the choice."""
+    from sft_pipeline.trainer import LIGER_IMPL, pin_liger_triton
+
+    pinned = {"impl": None}
+    backends = types.ModuleType("liger_kernel.backends")
+    backends.get_impl = lambda: pinned["impl"]
+    backends.set_impl = lambda name: pinned.update(impl=name)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", backends)
+    for name in ("LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    if env:
+        monkeypatch.setenv(env, "nvidia-cutedsl")
+    assert LIGER_IMPL == "nvidia-triton"
+    assert pin_liger_triton() == (None if env else "nvidia-triton")
+    assert pinned["impl"] == (None if env else "nvidia-triton")
+    if not env:  # a pin made elsewhere in the process (set_impl by the user's code) is kept too
+        pinned["impl"] = "nvidia-cutile"
+        assert pin_liger_triton() == "nvidia-cutile"
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", None)  # Liger < 0.8.5: Triton kernels only
+    monkeypatch.delenv("LIGER_KERNEL_IMPL", raising=False)
+    monkeypatch.delenv("LIGER_KERNEL_BACKEND", raising=False)
+    assert pin_liger_triton() is None

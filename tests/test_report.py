@@ -100,9 +100,13 @@ def test_the_report_says_how_training_ran():
     measured = {"per_device_batch_size": 8, "gradient_accumulation_steps": 2, "gradient_checkpointing": False,
                 "checkpointed_layers": 0, "auto": True, "measured_gib": {"1": 7.56, "2": 14.9}, "dequantized_gib": 9.6}
     page = report.markdown({**SUMMARY, "train": {**SUMMARY["train"], "batch_plan": measured, "liger": True,
-                                                 "attn_implementation": "varlen"}}, None, None)
+                                                 "attn_implementation": "varlen",
+                                                 "attention_kernel": "torch"}}, None, None)
     assert ("- how it ran: micro-batch 8 x accumulation 2 (measured), no gradient checkpointing, attention varlen, "
             "Liger kernels, 4-bit base kept dequantized (+9.6 GiB)") in page
+    fa4 = report._how_it_ran({"batch_plan": measured, "attn_implementation": "varlen",
+                              "attention_kernel": "flash-attn 4"})
+    assert "attention varlen (flash-attn 4), 4-bit base" in fa4
     tight = {**measured, "per_device_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True,
              "checkpointed_layers": 12, "dequantized_gib": None, "world_size": 2}
     line = report._how_it_ran({"batch_plan": tight, "liger": False, "attn_implementation": "sdpa"})

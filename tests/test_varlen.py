@@ -110,3 +110,93 @@ def test_varlen_without_packing_is_a_config_error():
     with pytest.raises(ConfigError, match="training.packing"):
         load_config("tiny", ["model.attn_implementation=varlen", "training.packing=false"])
     assert load_config("tiny", ["model.attn_implementation=varlen", "training.packing=true"])
+
+
+# flash-attention 4 (``flash-attn-4``: CuTe DSL kernels) is CUDA-only and not installed here; a stand-in with its
+# varlen function's keyword names (flash_attn.cute.interface.flash_attn_varlen_func, 4.0.0b36) and return value
+# ((out, lse)) is computed by the per-sequence reference, so what is tested is ours: the call, the check, the choice.
+def fake_fa4(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+             softmax_scale=None, causal=False, wrong=False):
+    out = varlen.reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                           is_causal=causal and not wrong)
+    return out, torch.zeros(q.size(1), q.size(0))
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """The kernel choice as on a Hopper GPU (the check runs on CPU tensors), restored afterwards."""
+    monkeypatch.setattr(varlen, "_choice", {"use": "auto", "kernel": None})
+    monkeypatch.setattr(varlen, "_fa4_targets", lambda device: True)
+    monkeypatch.setattr(varlen, "_torch_kernel", lambda: reference_kernel)
+    return monkeypatch
+
+
+def test_fa4_is_chosen_when_installed_and_it_agrees(choice):
+    choice.setattr(varlen, "_fa4_function", lambda: fake_fa4)
+    assert varlen._choose("cpu") is varlen.fa4_kernel
+    varlen._choice["kernel"] = varlen.fa4_kernel
+    assert varlen.kernel_label() == "flash-attn 4"
+    varlen.use_kernel("torch")  # the benchmark's baseline: PyTorch's kernel even with flash-attention 4 installed
+    assert varlen._choose("cpu") is reference_kernel
+    with pytest.raises(ValueError, match="not one of auto, torch"):
+        varlen.use_kernel("fa3")
+
+
+@pytest.mark.parametrize("fa4", [None, "wrong", "raises"])
+def test_fa4_is_not_used_when_absent_wrong_or_failing(choice, caplog, fa4):
+    def raises(*a, **kw):
+        raise RuntimeError("cutlass DSL: no compiler for this GPU")
+
+    fn = {None: None, "wrong": lambda *a, **kw: fake_fa4(*a, **kw, wrong=True), "raises": raises}[fa4]
+    choice.setattr(varlen, "_fa4_function", lambda: fn)
+    with caplog.at_level("WARNING", logger="sft_pipeline.varlen"):
+        assert varlen._choose("cpu") is reference_kernel
+    varlen._choice["kernel"] = reference_kernel
+    assert varlen.kernel_label() == "torch"
+    assert ("using PyTorch's varlen kernel" in caplog.text) == (fa4 is not None)  # said why, when it was tried
+
+
+def test_fa4_kernel_gives_a_packed_row_the_per_sequence_result(choice):
+    """Through the model: a packed row's loss and gradients with the flash-attention 4 call equal the reference
+    kernel's, grouped heads passed as they are (no repeat: flash-attention 4 takes them)."""
+    choice.setattr(varlen, "_fa4_function", lambda: fake_fa4)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    model = MistralForCausalLM(config).train()
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": torch.randint(3, 97, (n,)).tolist()} for n in (7, 13, 5)])
+    model.config._attn_implementation = varlen.register()
+    seen = []
+    choice.setattr(varlen, "reference", lambda q, k, *a, **kw: seen.append(k.size(1)) or reference_kernel(
+        q, k, *a, scale=kw.get("scale"), window_size=(-1, 0) if kw.get("is_causal") else (-1, -1)))
+    losses = {}
+    for name, kernel in (("fa4", varlen.fa4_kernel), ("torch", reference_kernel)):
+        varlen._choice["kernel"] = kernel
+        loss = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"],
+                     use_cache=False).loss
+        losses[name] = (loss.item(), torch.autograd.grad(loss, list(model.parameters())))
+    assert seen and set(seen) == {2}  # flash-attention 4 was called with the 2 key/value heads as they are
+    assert losses["fa4"][0] == pytest.approx(losses["torch"][0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(losses["fa4"][1], losses["torch"][1]))
+
+
+def test_flash_attention_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch):
+    """flash-attention 4 installs ``flash_attn/cute`` only: ``import flash_attn`` then succeeds (a namespace
+    package), yet transformers' flash_attention_2 would fail. auto must keep the varlen attention."""
+    import sys
+
+    from sft_pipeline.config import ModelConfig
+    from sft_pipeline.models import attn_implementation, flash_attn_2_installed
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    assert not flash_attn_2_installed()
+    assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == varlen.VARLEN
+    (tmp_path / "flash_attn" / "flash_attn_interface.py").write_text("")  # flash-attn 2's own module
+    assert flash_attn_2_installed()
+    assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == "flash_attention_2"
