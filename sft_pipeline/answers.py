@@ -74,15 +74,17 @@ def generate_replies(model, tok, prompts: list[list[int]], *, device: str, end_t
 
 
 def generation_metrics(peft_model, tok, messages_file: str | Path, *, samples: int, max_new_tokens: int,
-                       device: str) -> dict:
+                       device: str, base: dict | None = None) -> tuple[dict, dict | None]:
     """The evaluate stage's call: base (adapter disabled) and tuned on the first ``samples`` test conversations.
 
     ``messages_file`` is the format stage's ``<split>.messages.parquet`` (the conversations exactly as they were
-    tokenized, system message included). Returns ``{"generation": {"base": {...}, "tuned": {...}, "samples": n}}``
-    to merge into metrics.json, or ``{}`` when ``samples`` is 0.
+    tokenized, system message included). ``base``: the base model's answers from an earlier run with the same base,
+    conversations and settings (``answer_metrics``' dict), used instead of generating them again.
+    Returns ``({"generation": {"base": {...}, "tuned": {...}, "samples": n}}`` to merge into metrics.json, the base's
+    answers with their replies)``, or ``({}, None)`` when ``samples`` is 0.
     """
     if samples <= 0:
-        return {}
+        return {}, None
     import pyarrow.parquet as pq
 
     convs = pq.read_table(str(messages_file), columns=["messages"]).slice(0, samples).column(0).to_pylist()
@@ -90,10 +92,11 @@ def generation_metrics(peft_model, tok, messages_file: str | Path, *, samples: i
     was_training = peft_model.training
     peft_model.eval()
     tuned = answer_metrics(peft_model, tok, convs, **kwargs)
-    with peft_model.disable_adapter():
-        base = answer_metrics(peft_model, tok, convs, **kwargs)
+    if base is None:
+        with peft_model.disable_adapter():
+            base = answer_metrics(peft_model, tok, convs, **kwargs)
     peft_model.train(was_training)
     for conv, b, t in list(zip(convs, base["replies"], tuned["replies"]))[:3]:
         log.debug("reference %r | base %r | tuned %r", conv[-1]["content"], b, t)
     return {"generation": {"base": {k: base[k] for k in ("match", "ends_turn")},
-                           "tuned": {k: tuned[k] for k in ("match", "ends_turn")}, "samples": len(convs)}}
+                           "tuned": {k: tuned[k] for k in ("match", "ends_turn")}, "samples": len(convs)}}, base

@@ -111,6 +111,10 @@ def _eval_section(ev: dict) -> list[str]:
         delta = tuned["eval_loss"] - base["eval_loss"]
         lines += ["", f"Tuned minus base eval loss: {delta:+.4f} ({'better' if delta < 0 else 'worse'}; lower is "
                       f"better)."]
+    if base.get("kept_from"):
+        when = str(base["kept_from"]).replace("T", " ").removesuffix("Z")[:16] + " UTC"  # 2026-11-29T02:13:44Z
+        lines += ["", f"The base model's numbers (loss, tokens/s, answers) are kept from its scoring on {when}: same "
+                      f"base model, test set and scoring settings, so not scored again."]
     if gen := ev.get("generation"):
         b, t = gen.get("base", {}), gen.get("tuned", {})
         lines += ["", f"Answers to {gen.get('samples')} held-out prompts (greedy): correct {b.get('match', 0):.0%} "

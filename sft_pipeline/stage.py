@@ -150,6 +150,7 @@ class StageContext:
     store: Store
     log: logging.Logger | logging.LoggerAdapter
     run_label: str | None = None  # the Prefect flow run's name, for names shown elsewhere (W&B)
+    key_parts: dict = field(default_factory=dict)  # what its key was made of (the manifest's inputs)
     _config: Any = field(repr=False, default=None)  # the whole config: for the device and the secrets only
 
     @property
@@ -239,6 +240,6 @@ def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], f
         with store.write(stage.name, key, inputs=parts, metrics=metrics) as tmp, _package_logs_to(log):
             ctx = StageContext(stage=stage.name, key=key, cfg=ConfigView(cfg, allowed, stage.name),
                                upstream={n: upstream[n] for n in stage.needs}, out=tmp, store=store, log=log,
-                               run_label=run_label, _config=cfg)
+                               run_label=run_label, key_parts=parts, _config=cfg)
             metrics.update(stage.run(ctx) or {})
     return store.ref(stage.name, key), False

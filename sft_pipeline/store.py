@@ -7,6 +7,7 @@ Layout under the store root::
     .tmp/                     artifacts being written; renamed into place only when complete
     .locks/                   one lock file per (stage, key): one writer at a time, even across processes
     models/<fingerprint>/     base models built from a config or converted from a file, made once
+    evaluate_base/<key>/      the base model's eval numbers, shared by runs that only retrain (tasks/evaluate.py)
     runs/                     one summary per run (``sft-pipeline plan`` reads them for deleted artifacts)
     promoted/<recipe>.json    the promoted adapter of each recipe
 
@@ -272,8 +273,8 @@ TMP_NAME = re.compile(r"(?P<stage>[A-Za-z0-9_]+)-(?P<key>[A-Za-z0-9_.-]+)-(?P<pi
 OLD_TMP_NAME = re.compile(r"old-[A-Za-z0-9_]+-[A-Za-z0-9_.-]+-[0-9a-f]{8}")
 STORE_MARKER = ".sft-pipeline-store"  # written into a store on first use; see Store.claim
 # what a store made before the marker existed can hold: such a directory is adopted (and marked)
-STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "save_adapter", "generate", "models", ".work",
-                ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
+STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "evaluate_base", "save_adapter", "generate",
+                "models", ".work", ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
 
 
 def _stage_dir(p: Path) -> bool:

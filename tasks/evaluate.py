@@ -1,16 +1,27 @@
 """Stage 5 — evaluate: eval loss and perplexity on the test subset, for the base model and the tuned one.
 
 The base is the same loaded model with the adapter disabled, so both numbers come from one forward pass setup.
-With a per-sequence attention kernel (CUDA: flash-attn, or PyTorch's varlen kernel) each batch is scored as one
+With a per-sequence attention kernel (CUDA: flash-attn, or the varlen kernel) each batch is scored as one
 padding-free row; else batches are padded.
+
+The base model's numbers (eval loss, tokens/s, held-out answers) do not depend on training, so a run that only
+retrains (another learning rate, a scheduled retraining on the same test set) takes them from the store instead of
+scoring the base again (~79 s of the 7B job's evaluate stage on an H200): ``<store>/evaluate_base/<key>``, keyed by
+this stage's key without the trained adapter, plus the device and the scoring mode. metrics.json marks them with
+``kept_from`` (when they were scored).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 
+from sft_pipeline import varlen
 from sft_pipeline.stage import StageContext
+from sft_pipeline.store import Store, digest
 from sft_pipeline.varlen import VARLEN
+
+log = logging.getLogger("sft_pipeline.evaluate")
 
 # Padded batches (no per-sequence attention kernel: CPU, or CUDA without flash-attn and torch's varlen kernel) are
 # padded to a multiple of 64 tokens: a few dozen distinct shapes instead of one per batch, so the GPU's per-shape
@@ -23,6 +34,40 @@ PAD_TO = 64
 PER_SEQUENCE = (VARLEN, "flash_attention_2")
 
 VERSION = "6"  # 4: eval tokens/s of the base and the tuned model; 5: padded to a multiple of 64; 6: padding-free
+BASE_MEMO = "evaluate_base"  # the store's directory of the base model's numbers, shared by runs that only retrain
+
+
+def base_memo_key(key_parts: dict, mode: dict, device: str) -> str | None:
+    """What the base model's numbers depend on: this stage's key parts without the trained adapter (base model,
+    quantization, evaluation settings, test split, the formatted test set, this stage's code), plus the device and
+    how it scores (with the varlen attention: which kernel). Not the libraries' versions: after an upgrade the base
+    keeps its numbers (they would move in the last digits). None without key parts (called outside the flow)."""
+    if not key_parts:
+        return None
+    if mode.get("attn") == VARLEN:
+        mode = {**mode, "kernel": varlen.kernel_label()}
+    return digest({"stage": BASE_MEMO, "code": key_parts.get("code"), "config": key_parts.get("config"),
+                   "format": key_parts.get("upstream", {}).get("format"), "scoring": mode, "device": device}, 24)
+
+
+def kept_base(store: Store, key: str | None) -> dict | None:
+    """The base model's numbers from an earlier run (``{"scores", "answers", "created"}``), or None."""
+    ref = store.ref(BASE_MEMO, key) if key else None
+    if ref is None:
+        return None
+    return {**ref.read_json("base.json"), "created": store.manifest(ref)["created"]}
+
+
+def keep_base(store: Store, key: str | None, scores: dict, answers: dict | None) -> None:
+    """Store the base model's numbers for later runs (atomically, as an artifact; a failure to write loses only
+    the reuse)."""
+    if not key:
+        return
+    try:
+        with store.lock(BASE_MEMO, key), store.write(BASE_MEMO, key, inputs={"key": key}) as tmp:
+            (tmp / "base.json").write_text(json.dumps({"scores": scores, "answers": answers}, indent=2))
+    except OSError as e:
+        log.warning("could not keep the base model's numbers for later runs: %s", e)
 
 
 def run(ctx: StageContext) -> dict:
@@ -42,17 +87,29 @@ def run(ctx: StageContext) -> dict:
         ds = ds.select(range(min(evaluation.max_samples, len(ds))))
     peft_model = load_tuned(ctx.base_model(), ctx.upstream["train"].file("adapter"), cfg.model, cfg.quantization,
                             ctx.device, ctx.hf_token)
+    mode = scoring_mode(cfg.model, ctx.device)
+    memo = base_memo_key(ctx.key_parts, mode, ctx.device)
+    kept = kept_base(ctx.store, memo)
+    if kept:
+        ctx.log.info("evaluate: the base model's numbers kept from %s (same base, test set and scoring)",
+                     kept["created"])
     metrics = {"split": test_split, "rows": len(ds), **score(
-        peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work),
-        **scoring_mode(cfg.model, ctx.device))}
+        peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work), **mode,
+        base=kept and kept["scores"])}
     ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}",
                   f"{metrics['tokens']:,}", f"{metrics['base']['tokens_per_second']:,}",
                   f"{metrics['tuned']['tokens_per_second']:,}")
     from sft_pipeline.answers import generation_metrics  # answers to held-out prompts, base vs tuned
 
-    metrics.update(generation_metrics(peft_model, tok, chats.file(f"{test_split}.messages.parquet"),
-                                      samples=evaluation.generation_samples,
-                                      max_new_tokens=evaluation.generation_max_new_tokens, device=ctx.device))
+    generation, answers = generation_metrics(peft_model, tok, chats.file(f"{test_split}.messages.parquet"),
+                                             samples=evaluation.generation_samples,
+                                             max_new_tokens=evaluation.generation_max_new_tokens, device=ctx.device,
+                                             base=kept and kept["answers"])
+    metrics.update(generation)
+    if kept:
+        metrics["base"]["kept_from"] = kept["created"]
+    else:
+        keep_base(ctx.store, memo, metrics["base"], answers)
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -68,8 +125,10 @@ def scoring_mode(model_cfg, device: str) -> dict:
 
 
 def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work: str, attn: str | None = None,
-          packed: bool = True, pad_to_multiple_of: int | None = None) -> dict:
+          packed: bool = True, pad_to_multiple_of: int | None = None, base: dict | None = None) -> dict:
     """Eval loss, perplexity, seconds and tokens/s of the tuned model and of the base (its adapter disabled).
+    ``base``: the base's scores from an earlier run with the same base, test set and scoring (returned as they are;
+    the base is not scored again).
 
     ``packed`` (the default): each batch's rows go into one padding-free row, positions restarting at every
     conversation, scored with ``attn`` (the per-sequence attention: PyTorch's varlen flash kernel on CUDA; SDPA finds
@@ -102,8 +161,9 @@ def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work:
             if attn and attn != was[0]:
                 peft_model.get_base_model().set_attn_implementation(attn)
         tuned = trainer.evaluate()
-        with peft_model.disable_adapter():
-            base = trainer.evaluate()
+        if base is None:
+            with peft_model.disable_adapter():
+                base_run = trainer.evaluate()
     finally:
         config.use_cache = was[1]
         if config._attn_implementation != was[0]:
@@ -113,4 +173,4 @@ def score(peft_model, ds, pad_token_id: int, batch_size: int, device: str, work:
         return {"eval_loss": m["eval_loss"], "perplexity": math.exp(min(m["eval_loss"], 50)),
                 "seconds": round(m["eval_runtime"], 2), "tokens_per_second": round(tokens / max(m["eval_runtime"], 1e-9))}
 
-    return {"tokens": tokens, "base": scores(base), "tuned": scores(tuned)}
+    return {"tokens": tokens, "base": scores(base_run) if base is None else dict(base), "tuned": scores(tuned)}

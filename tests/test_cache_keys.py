@@ -119,3 +119,32 @@ def test_the_package_has_no_import_cycles():
         if mod not in state:
             visit(mod, [mod])
     assert len(graph) > 20 and not cycles, cycles
+
+
+def test_the_base_models_eval_is_kept_across_retraining_and_nothing_else(monkeypatch):
+    """The evaluate stage keeps the base model's numbers under a key of its own: its key without the trained adapter,
+    plus device and scoring mode. Retraining keeps it; what changes the base's numbers changes it."""
+    from tasks.evaluate import base_memo_key
+
+    monkeypatch.setattr("sft_pipeline.varlen._choice", {"use": "auto", "kernel": None})  # chosen here: not kept
+    evaluate = flows.stages.BY_NAME["evaluate"]
+
+    def memo(cfg, train="t0", fmt="f0", device="cuda", packed=True):
+        up = {"format": ArtifactRef(stage="format", key="k", path="/p", fingerprint=fmt),
+              "train": ArtifactRef(stage="train", key="k", path="/p", fingerprint=train)}
+        mode = {"attn": "sft_varlen" if packed else None, "packed": packed, "pad_to_multiple_of": 64}
+        return base_memo_key(key_parts(evaluate, cfg, up, Facts(cfg, blocks=False)), mode, device)
+
+    cfg = load_config("tiny")
+    first = memo(cfg)
+    assert memo(cfg, train="t1") == first  # another adapter: same base numbers
+    assert memo(load_config("tiny", ["training.learning_rate=0.001", "lora.r=4"]), train="t2") == first
+    changed = [memo(cfg, fmt="f1"),  # another formatted test set (template, max length, data)
+               memo(load_config("tiny", ["evaluation.max_samples=20"])),
+               memo(load_config("tiny", ["quantization.quant_type=fp4"])),
+               memo(load_config("tiny", ["model.name=mistral-7b"])),  # another base model
+               memo(cfg, device="cpu"), memo(cfg, packed=False)]
+    monkeypatch.setattr("sft_pipeline.varlen.kernel_label", lambda: "flash-attn 4")  # another attention kernel
+    changed.append(memo(cfg))
+    assert first not in changed and len(set(changed)) == len(changed)
+    assert base_memo_key({}, {}, "cuda") is None  # outside the flow (the bench): nothing kept

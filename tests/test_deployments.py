@@ -274,7 +274,8 @@ WATCH = json.dumps({"training.max_steps": 8, "training.logging_steps": 2, "evalu
 
 def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     """Progress, a log line per logging step, the estimate, the report with eval, adapter and promotion, the loss
-    table; a rerun (all Cached) has its report too; the report page shows the loss picture in a real browser."""
+    table; a rerun (all Cached) has its report too; a retraining run's report says the base model's numbers were
+    kept; the report page shows the loss picture in a real browser."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -299,17 +300,27 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     again = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
     assert states(summary_of(store, again)) == ["Cached"] * 7
     report_again = next(a for a in _artifacts(server, again["id"]) if a["key"] == "sft-report-tiny")
+    assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in report_again["data"]
+
+    retrain = json.dumps({**json.loads(WATCH), "training.learning_rate": 0.01})  # the same base and test set
+    retrained = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={retrain}"))
+    summary_retrained = summary_of(store, retrained)
+    assert states(summary_retrained)[3:] == ["Completed"] * 4
+    report_retrained = next(a for a in _artifacts(server, retrained["id"]) if a["key"] == "sft-report-tiny")
+    assert "The base model's numbers (loss, tokens/s, answers) are kept from its scoring on" in report_retrained["data"]
+    assert summary_retrained["eval"]["base"]["eval_loss"] == summary["eval"]["base"]["eval_loss"]
 
     browser = _browser(tmp_path)
     try:
-        browser.get(f"{server.url}/artifacts/artifact/{report_again['id']}")
+        browser.get(f"{server.url}/artifacts/artifact/{report_retrained['id']}")
         img = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
         WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
-        assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in browser.find_element(By.TAG_NAME, "body").text
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert f"{summary_retrained['eval']['tuned']['eval_loss']:.4f}" in body and "kept from its scoring" in body
         browser.execute_script("arguments[0].scrollIntoView()", img)
         browser.save_screenshot(str(tmp_path / "report.png"))
         if os.environ.get("SFT_PIPELINE_SCREENSHOT"):  # README's picture: SFT_PIPELINE_SCREENSHOT=docs/watch-a-run.png
-            browser.get(f"{server.url}/artifacts/artifact/{report_again['id']}")
+            browser.get(f"{server.url}/artifacts/artifact/{report_retrained['id']}")
             WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
             time.sleep(2)
             browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT"])

@@ -76,6 +76,14 @@ def test_lora_rank_reruns_only_train_and_after(tiny_run):
     assert summary["adapter"] != first["adapter"]
     cfg = json.loads((Path(summary["adapter"]) / "adapter_config.json").read_text())
     assert cfg["r"] == 4
+    # the base model's numbers do not depend on training: kept from the first run's scoring, not scored again
+    base, first_base = summary["eval"]["base"], first["eval"]["base"]
+    assert "kept_from" not in first_base and base["kept_from"]
+    assert {k: base[k] for k in first_base} == first_base  # loss, seconds and tokens/s exactly as first scored
+    assert summary["eval"]["generation"]["base"] == first["eval"]["generation"]["base"]
+    assert summary["eval"]["tuned"] != first["eval"]["tuned"]
+    assert len(list((store / "evaluate_base").iterdir())) == 1
+    assert "base model's numbers kept from" in proc.stdout + proc.stderr
 
 
 def test_adapter_loads_in_a_fresh_process(tiny_run):
