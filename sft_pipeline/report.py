@@ -13,6 +13,11 @@ import math
 COLUMNS = ("step", "train_loss", "eval_loss", "learning_rate")
 
 
+def utc_minute(stamp: str) -> str:
+    """A manifest's time stamp as people read it: ``2026-11-29T02:13:44Z`` -> ``2026-11-29 02:13 UTC``."""
+    return str(stamp).replace("T", " ").removesuffix("Z")[:16] + " UTC"
+
+
 def loss_rows(log_history: list[dict]) -> list[dict]:
     """One row per step that logged a train loss, an eval loss or a learning rate, sorted by step.
 
@@ -112,9 +117,9 @@ def _eval_section(ev: dict) -> list[str]:
         lines += ["", f"Tuned minus base eval loss: {delta:+.4f} ({'better' if delta < 0 else 'worse'}; lower is "
                       f"better)."]
     if base.get("kept_from"):
-        when = str(base["kept_from"]).replace("T", " ").removesuffix("Z")[:16] + " UTC"  # 2026-11-29T02:13:44Z
-        lines += ["", f"The base model's numbers (loss, tokens/s, answers) are kept from its scoring on {when}: same "
-                      f"base model, test set and scoring settings, so not scored again."]
+        lines += ["", f"The base model's numbers (loss, tokens/s, answers) are kept from its scoring on "
+                      f"{utc_minute(base['kept_from'])}: same base model, test set and scoring settings, so not "
+                      f"scored again."]
     if gen := ev.get("generation"):
         b, t = gen.get("base", {}), gen.get("tuned", {})
         lines += ["", f"Answers to {gen.get('samples')} held-out prompts (greedy): correct {b.get('match', 0):.0%} "

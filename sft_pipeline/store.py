@@ -8,6 +8,7 @@ Layout under the store root::
     .locks/                   one lock file per (stage, key): one writer at a time, even across processes
     models/<fingerprint>/     base models built from a config or converted from a file, made once
     evaluate_base/<key>/      the base model's eval numbers, shared by runs that only retrain (tasks/evaluate.py)
+    generate_base/<key>/      the base model's sample replies, the same way (tasks/generate.py)
     runs/                     one summary per run (``sft-pipeline plan`` reads them for deleted artifacts)
     promoted/<recipe>.json    the promoted adapter of each recipe
 
@@ -227,6 +228,27 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    # ------------------------------------------------------------------ memos: small results shared across keys
+    def read_memo(self, name: str, key: str | None) -> tuple[Any, str] | None:
+        """``(data, when it was written)`` of ``<name>/<key>/memo.json`` (verified like an artifact), or None."""
+        ref = self.ref(name, key) if key else None
+        if ref is None:
+            return None
+        return ref.read_json("memo.json"), self.manifest(ref)["created"]
+
+    def write_memo(self, name: str, key: str | None, data: Any) -> None:
+        """Keep ``data`` as ``<name>/<key>/memo.json`` (atomically, under the key's lock). A memo saves work in later
+        runs only: failing to write one (a full disk) is logged, not raised."""
+        if not key:
+            return
+        try:
+            with self.lock(name, key), self.write(name, key, inputs={"key": key}) as tmp:
+                (tmp / "memo.json").write_text(json.dumps(data, indent=2, default=str))
+        except OSError as e:
+            import logging
+
+            logging.getLogger("sft_pipeline.store").warning("could not keep %s for later runs: %s", name, e)
+
     def claim(self) -> None:
         """Make sure the root is a store this project may write to, and mark it as one (first use).
 
@@ -274,7 +296,8 @@ OLD_TMP_NAME = re.compile(r"old-[A-Za-z0-9_]+-[A-Za-z0-9_.-]+-[0-9a-f]{8}")
 STORE_MARKER = ".sft-pipeline-store"  # written into a store on first use; see Store.claim
 # what a store made before the marker existed can hold: such a directory is adopted (and marked)
 STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "evaluate_base", "save_adapter", "generate",
-                "models", ".work", ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted", STORE_MARKER}
+                "generate_base", "models", ".work", ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted",
+                STORE_MARKER}
 
 
 def _stage_dir(p: Path) -> bool:

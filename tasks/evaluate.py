@@ -13,15 +13,12 @@ this stage's key without the trained adapter, plus the device and the scoring mo
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 from sft_pipeline import varlen
 from sft_pipeline.stage import StageContext
-from sft_pipeline.store import Store, digest
+from sft_pipeline.store import digest
 from sft_pipeline.varlen import VARLEN
-
-log = logging.getLogger("sft_pipeline.evaluate")
 
 # Padded batches (no per-sequence attention kernel: CPU, or CUDA without flash-attn and torch's varlen kernel) are
 # padded to a multiple of 64 tokens: a few dozen distinct shapes instead of one per batch, so the GPU's per-shape
@@ -50,26 +47,6 @@ def base_memo_key(key_parts: dict, mode: dict, device: str) -> str | None:
                    "format": key_parts.get("upstream", {}).get("format"), "scoring": mode, "device": device}, 24)
 
 
-def kept_base(store: Store, key: str | None) -> dict | None:
-    """The base model's numbers from an earlier run (``{"scores", "answers", "created"}``), or None."""
-    ref = store.ref(BASE_MEMO, key) if key else None
-    if ref is None:
-        return None
-    return {**ref.read_json("base.json"), "created": store.manifest(ref)["created"]}
-
-
-def keep_base(store: Store, key: str | None, scores: dict, answers: dict | None) -> None:
-    """Store the base model's numbers for later runs (atomically, as an artifact; a failure to write loses only
-    the reuse)."""
-    if not key:
-        return
-    try:
-        with store.lock(BASE_MEMO, key), store.write(BASE_MEMO, key, inputs={"key": key}) as tmp:
-            (tmp / "base.json").write_text(json.dumps({"scores": scores, "answers": answers}, indent=2))
-    except OSError as e:
-        log.warning("could not keep the base model's numbers for later runs: %s", e)
-
-
 def run(ctx: StageContext) -> dict:
     import datasets
     from transformers import AutoTokenizer
@@ -89,7 +66,8 @@ def run(ctx: StageContext) -> dict:
                             ctx.device, ctx.hf_token)
     mode = scoring_mode(cfg.model, ctx.device)
     memo = base_memo_key(ctx.key_parts, mode, ctx.device)
-    kept = kept_base(ctx.store, memo)
+    found = ctx.store.read_memo(BASE_MEMO, memo)
+    kept = {**found[0], "created": found[1]} if found else None  # {"scores", "answers", "created"}
     if kept:
         ctx.log.info("evaluate: the base model's numbers kept from %s (same base, test set and scoring)",
                      kept["created"])
@@ -109,7 +87,7 @@ def run(ctx: StageContext) -> dict:
     if kept:
         metrics["base"]["kept_from"] = kept["created"]
     else:
-        keep_base(ctx.store, memo, metrics["base"], answers)
+        ctx.store.write_memo(BASE_MEMO, memo, {"scores": metrics["base"], "answers": answers})
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -148,3 +148,26 @@ def test_the_base_models_eval_is_kept_across_retraining_and_nothing_else(monkeyp
     changed.append(memo(cfg))
     assert first not in changed and len(set(changed)) == len(changed)
     assert base_memo_key({}, {}, "cuda") is None  # outside the flow (the bench): nothing kept
+
+
+def test_the_base_models_samples_are_kept_across_retraining_and_nothing_else():
+    """The generate stage keeps the base model's replies the same way: its key parts without the adapter, the
+    prompts' token ids and the device."""
+    from tasks.generate import base_memo_key
+
+    generate = flows.stages.BY_NAME["generate"]
+
+    def memo(cfg, adapter="a0", prompts=((1, 2, 3),), device="cuda"):
+        up = {"save_adapter": ArtifactRef(stage="save_adapter", key="k", path="/p", fingerprint=adapter)}
+        return base_memo_key(key_parts(generate, cfg, up, Facts(cfg, blocks=False)), [list(p) for p in prompts],
+                             device)
+
+    cfg = load_config("tiny")
+    first = memo(cfg)
+    assert memo(cfg, adapter="a1") == first  # another adapter: the same base replies
+    changed = [memo(cfg, prompts=((1, 2, 4),)),  # the prompts as tokenized (another chat template)
+               *(memo(load_config("tiny", [o])) for o in ("generation.seed=7", "generation.max_new_tokens=5",
+                                                          "quantization.quant_type=fp4", "model.name=mistral-7b")),
+               memo(cfg, device="cpu")]
+    assert first not in changed and len(set(changed)) == len(changed)
+    assert base_memo_key({}, [[1]], "cuda") is None

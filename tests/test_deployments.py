@@ -309,6 +309,8 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     report_retrained = next(a for a in _artifacts(server, retrained["id"]) if a["key"] == "sft-report-tiny")
     assert "The base model's numbers (loss, tokens/s, answers) are kept from its scoring on" in report_retrained["data"]
     assert summary_retrained["eval"]["base"]["eval_loss"] == summary["eval"]["base"]["eval_loss"]
+    samples_retrained = next(a for a in _artifacts(server, retrained["id"]) if a["key"] == "sft-samples-tiny")
+    assert "The base model's replies are kept from" in samples_retrained["data"]
 
     browser = _browser(tmp_path)
     try:
@@ -319,6 +321,10 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
         assert f"{summary_retrained['eval']['tuned']['eval_loss']:.4f}" in body and "kept from its scoring" in body
         browser.execute_script("arguments[0].scrollIntoView()", img)
         browser.save_screenshot(str(tmp_path / "report.png"))
+        if os.environ.get("SFT_PIPELINE_SCREENSHOT_SAMPLES"):  # the samples page, to look at
+            browser.get(f"{server.url}/artifacts/artifact/{samples_retrained['id']}")
+            WebDriverWait(browser, 60).until(lambda b: "kept from" in b.find_element(By.TAG_NAME, "body").text)
+            browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT_SAMPLES"])
         if os.environ.get("SFT_PIPELINE_SCREENSHOT"):  # README's picture: SFT_PIPELINE_SCREENSHOT=docs/watch-a-run.png
             browser.get(f"{server.url}/artifacts/artifact/{report_retrained['id']}")
             WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))

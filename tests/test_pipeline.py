@@ -70,6 +70,11 @@ def test_rerun_is_all_cached(tiny_run):
 
 def test_lora_rank_reruns_only_train_and_after(tiny_run):
     store, first, _ = tiny_run
+
+    def kept() -> dict[str, int]:  # the session's store also holds other tests' runs
+        return {d: len(list((store / d).iterdir())) for d in ("evaluate_base", "generate_base")}
+
+    before = kept()
     proc, summary = run_flow(store, "lora.r=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert states(summary) == ["Cached"] * 3 + ["Completed"] * 4
@@ -82,8 +87,13 @@ def test_lora_rank_reruns_only_train_and_after(tiny_run):
     assert {k: base[k] for k in first_base} == first_base  # loss, seconds and tokens/s exactly as first scored
     assert summary["eval"]["generation"]["base"] == first["eval"]["generation"]["base"]
     assert summary["eval"]["tuned"] != first["eval"]["tuned"]
-    assert len(list((store / "evaluate_base").iterdir())) == 1
     assert "base model's numbers kept from" in proc.stdout + proc.stderr
+    # the same for the generate stage's sample replies
+    samples, first_samples = (json.loads(Path(s["samples"]).read_text()) for s in (summary, first))
+    assert [x["base"] for x in samples] == [x["base"] for x in first_samples]
+    assert "The base model's replies are kept from" in (Path(summary["samples"]).parent / "samples.md").read_text()
+    assert "kept from" not in (Path(first["samples"]).parent / "samples.md").read_text()
+    assert kept() == before  # nothing scored or generated again for the base
 
 
 def test_adapter_loads_in_a_fresh_process(tiny_run):
