@@ -93,11 +93,11 @@ def main() -> None:
             if ref is None:
                 ref = (out.detach(), grads)
             else:
-                row["max_diff_out"] = float((out - ref[0]).abs().max())
+                row["max_diff_out"] = float((out.detach() - ref[0]).abs().max())
                 row["max_diff_grads"] = [float((x - y).abs().max()) for x, y in zip(grads, ref[1])]
             fwd, both = timed(fn, False), timed(fn, True)
-            row.update(fwd_ms=round(fwd, 3), fwd_bwd_ms=round(both, 3),
-                       fwd_tflops=round(fwd_flops / fwd / 1e9, 1), fwd_bwd_tflops=round(3.5 * fwd_flops / both / 1e9, 1))
+            row.update(fwd_ms=round(fwd, 3), fwd_bwd_ms=round(both, 3), fwd_tflops=round(fwd_flops / fwd / 1e9, 1),
+                       fwd_bwd_tflops=round(3.5 * fwd_flops / both / 1e9, 1))
         except Exception as e:  # noqa: BLE001 - a kernel that fails is a result to report
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()[-3000:]

@@ -189,9 +189,9 @@ def compute_dtype(quant_cfg, device: str):
 
 def attn_implementation(model_cfg, device: str, training: bool = False, packed: bool = False) -> str:
     """auto: flash-attn 2 when installed; else, on CUDA, for packed rows (padding-free: training with packing, and the
-    evaluate stage's scoring) the varlen attention when this torch has its kernel or flash-attention 4 is installed
-    (``sft_pipeline/varlen.py``; +3.8% over flex on an H200); else, for training, flex attention (a block-sparse mask
-    instead of SDPA's dense masked attention: 1.7x faster than SDPA on an H100); else SDPA. ``varlen`` asked for
+    evaluate stage's scoring) the varlen attention when this torch has its kernel (on flash-attention 4's where
+    installed: ``sft_pipeline/varlen.py``; +3.8% over flex on an H200); else, for training, flex attention (a
+    block-sparse mask instead of SDPA's dense masked attention: 1.7x faster than SDPA on an H100); else SDPA. ``varlen`` asked for
     explicitly is used for packed rows on CUDA only (generation pads its batches: SDPA)."""
     if model_cfg.attn_implementation == "varlen":
         if not (packed and device == "cuda"):

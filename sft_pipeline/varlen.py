@@ -25,16 +25,15 @@ _seqlens: dict = {"ref": None, "value": None}  # the last position_ids seen and 
 
 
 def available() -> bool:
-    """Whether a varlen kernel can run here: CUDA with this torch's kernel or flash-attention 4."""
+    """Whether the varlen attention can run here: CUDA and this torch's kernel (flash-attention 4, where it is used,
+    runs on top of it: PyTorch's kernel is the fallback when its check fails)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
-        return _fa4_function() is not None
-    return True
+        return False
+    return torch.cuda.is_available()
 
 
 def cu_seqlens(position_ids):

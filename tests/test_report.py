@@ -123,6 +123,7 @@ def test_the_report_says_when_the_base_models_numbers_were_kept():
     kept = {**SUMMARY, "eval": {**SUMMARY["eval"], "base": {**SUMMARY["eval"]["base"],
                                                           "kept_from": "2026-11-29T02:10:00Z"}}}
     page = report.markdown(kept, None, None)
-    assert "The base model's numbers (loss, tokens/s, answers) are kept from its scoring on 2026-11-29 02:10 UTC" in page
+    assert "The base model's numbers (loss, tokens/s, answers) are kept from its scoring on 2026-11-29 02:10 UTC" \
+        in page
     assert "| base (before fine-tuning) | 10.3712 |" in page  # still shown, as scored then
     assert "kept from" not in report.markdown(SUMMARY, None, None)
