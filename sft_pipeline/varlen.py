@@ -122,6 +122,7 @@ def agrees(kernel, device, dtype) -> bool:
         log.warning("flash-attention 4 failed its check (%s: %s); using PyTorch's varlen kernel",
                     type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         return False
+
     def close(a, b) -> bool:  # bf16 rounds 0.4 % of a value; summed over grouped heads, ~1 % of the largest
         return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= 0.02 * float(b.abs().max())
 
