@@ -169,7 +169,8 @@ def _how_it_ran(tr: dict) -> str:
                      if plan.get("gradient_checkpointing") else "no gradient checkpointing")
     if tr.get("attn_implementation"):
         kernel = tr.get("attention_kernel")  # under varlen: PyTorch's or flash-attention 4's
-        parts.append(f"attention {tr['attn_implementation']}" + (f" ({kernel})" if kernel not in (None, "torch") else ""))
+        shown = f" ({kernel})" if kernel not in (None, "torch") else ""
+        parts.append(f"attention {tr['attn_implementation']}{shown}")
     if tr.get("liger"):
         parts.append("Liger kernels")
     if plan.get("dequantized_gib"):

@@ -122,6 +122,17 @@ def stage_key(parts: dict) -> str:
     return digest(parts, 24)
 
 
+def memo_key(name: str, parts: dict, upstream: tuple[str, ...] = (), **extra) -> str | None:
+    """The key of a memo a stage keeps beside its artifact (``Store.write_memo``) for a part of its output that does
+    not depend on all of its upstream (the base model's numbers do not depend on training): the stage's key
+    ``parts`` with only the ``upstream`` named, plus ``extra``. None without key parts (called outside the flow)."""
+    if not parts:
+        return None
+    kept = {n: parts.get("upstream", {}).get(n) for n in upstream}
+    return digest({"memo": name, "code": parts.get("code"), "config": parts.get("config"), "upstream": kept,
+                   **extra}, 24)
+
+
 class ConfigView:
     """The config as a stage may see it: only the fields its table row names (keyed or read)."""
 

@@ -75,8 +75,10 @@ def _torch_kernel():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
 def _fa4_function():
-    """flash-attention 4's varlen function, or None when it is not installed (or does not import)."""
+    """flash-attention 4's varlen function, or None when it is not installed (or does not import); looked up once
+    (``fa4_kernel`` calls it in every layer)."""
     try:
         from flash_attn.cute import flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - a beta package whose compiler stack may be missing pieces: use torch's kernel

@@ -16,8 +16,7 @@ import json
 import math
 
 from sft_pipeline import varlen
-from sft_pipeline.stage import StageContext
-from sft_pipeline.store import digest
+from sft_pipeline.stage import StageContext, memo_key
 from sft_pipeline.varlen import VARLEN
 
 # Padded batches (no per-sequence attention kernel: CPU, or CUDA without flash-attn and torch's varlen kernel) are
@@ -39,12 +38,9 @@ def base_memo_key(key_parts: dict, mode: dict, device: str) -> str | None:
     quantization, evaluation settings, test split, the formatted test set, this stage's code), plus the device and
     how it scores (with the varlen attention: which kernel). Not the libraries' versions: after an upgrade the base
     keeps its numbers (they would move in the last digits). None without key parts (called outside the flow)."""
-    if not key_parts:
-        return None
-    if mode.get("attn") == VARLEN:
+    if key_parts and mode.get("attn") == VARLEN:
         mode = {**mode, "kernel": varlen.kernel_label()}
-    return digest({"stage": BASE_MEMO, "code": key_parts.get("code"), "config": key_parts.get("config"),
-                   "format": key_parts.get("upstream", {}).get("format"), "scoring": mode, "device": device}, 24)
+    return memo_key(BASE_MEMO, key_parts, ("format",), scoring=mode, device=device)
 
 
 def run(ctx: StageContext) -> dict:
@@ -66,14 +62,12 @@ def run(ctx: StageContext) -> dict:
                             ctx.device, ctx.hf_token)
     mode = scoring_mode(cfg.model, ctx.device)
     memo = base_memo_key(ctx.key_parts, mode, ctx.device)
-    found = ctx.store.read_memo(BASE_MEMO, memo)
-    kept = {**found[0], "created": found[1]} if found else None  # {"scores", "answers", "created"}
-    if kept:
-        ctx.log.info("evaluate: the base model's numbers kept from %s (same base, test set and scoring)",
-                     kept["created"])
+    kept, kept_from = ctx.store.read_memo(BASE_MEMO, memo) or ({}, None)  # {"scores", "answers"}, when
+    if kept_from:
+        ctx.log.info("evaluate: the base model's numbers kept from %s (same base, test set and scoring)", kept_from)
     metrics = {"split": test_split, "rows": len(ds), **score(
         peft_model, ds, tok.pad_token_id, evaluation.batch_size, ctx.device, str(ctx.work), **mode,
-        base=kept and kept["scores"])}
+        base=kept.get("scores"))}
     ctx.log.debug("evaluate: %s rows, %s tokens: base %s tok/s, tuned %s tok/s", f"{len(ds):,}",
                   f"{metrics['tokens']:,}", f"{metrics['base']['tokens_per_second']:,}",
                   f"{metrics['tuned']['tokens_per_second']:,}")
@@ -82,10 +76,10 @@ def run(ctx: StageContext) -> dict:
     generation, answers = generation_metrics(peft_model, tok, chats.file(f"{test_split}.messages.parquet"),
                                              samples=evaluation.generation_samples,
                                              max_new_tokens=evaluation.generation_max_new_tokens, device=ctx.device,
-                                             base=kept and kept["answers"])
+                                             base=kept.get("answers"))
     metrics.update(generation)
-    if kept:
-        metrics["base"]["kept_from"] = kept["created"]
+    if kept_from:
+        metrics["base"]["kept_from"] = kept_from
     else:
         ctx.store.write_memo(BASE_MEMO, memo, {"scores": metrics["base"], "answers": answers})
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 
-from sft_pipeline.stage import StageContext
-from sft_pipeline.store import digest
+from sft_pipeline.stage import StageContext, memo_key
 
 VERSION = "3"  # 3: the prompts generated together (left-padded batches), the draws seeded once per model
 BASE_MEMO = "generate_base"  # the store's directory of the base model's replies, shared by runs that only retrain
@@ -23,10 +22,7 @@ def base_memo_key(key_parts: dict, prompts: list[list[int]], device: str) -> str
     """What the base model's replies depend on: this stage's key parts without the adapter (base model,
     quantization, generation settings with the seed, this stage's code), the prompts' token ids (the chat template
     comes with the adapter's tokenizer) and the device. None without key parts (called outside the flow)."""
-    if not key_parts:
-        return None
-    return digest({"stage": BASE_MEMO, "code": key_parts.get("code"), "config": key_parts.get("config"),
-                   "prompts": prompts, "device": device}, 24)
+    return memo_key(BASE_MEMO, key_parts, prompts=prompts, device=device)
 
 
 def _markdown(samples: list[dict], random_weights: bool, base_kept_from: str | None = None) -> str:
@@ -66,11 +62,11 @@ def run(ctx: StageContext) -> dict:
         return generate_replies(peft_model, tok, prompts, device=ctx.device, end_token_id=tok.eos_token_id, **kwargs)
 
     memo = base_memo_key(ctx.key_parts, prompts, ctx.device)
-    kept = ctx.store.read_memo(BASE_MEMO, memo)
+    kept, kept_from = ctx.store.read_memo(BASE_MEMO, memo) or ({}, None)  # {"replies"}, when
     tuned = replies()
-    if kept:
-        ctx.log.info("generate: the base model's replies kept from %s (same base, prompts and settings)", kept[1])
-        base = [tuple(r) for r in kept[0]["replies"]]
+    if kept_from:
+        ctx.log.info("generate: the base model's replies kept from %s (same base, prompts and settings)", kept_from)
+        base = [tuple(r) for r in kept["replies"]]
     else:
         with peft_model.disable_adapter():
             base = replies()
@@ -78,6 +74,6 @@ def run(ctx: StageContext) -> dict:
     samples = [{"messages": m, "base": b, "tuned": t, "tuned_finished": finished}
                for m, (b, _), (t, finished) in zip(generation.prompts, base, tuned)]
     (ctx.out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    (ctx.out / "samples.md").write_text(_markdown(samples, is_random(cfg.model), kept and kept[1]))
+    (ctx.out / "samples.md").write_text(_markdown(samples, is_random(cfg.model), kept_from))
     return {"prompts": len(samples), "tuned_finished": sum(s["tuned_finished"] for s in samples),
-            **({"base_kept_from": kept[1]} if kept else {})}
+            **({"base_kept_from": kept_from} if kept_from else {})}

@@ -189,14 +189,21 @@ def test_flash_attention_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeyp
     from sft_pipeline.config import ModelConfig
     from sft_pipeline.models import attn_implementation, flash_attn_2_installed
 
+    def fake_modules() -> list[str]:
+        return [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]
+
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
     (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+    for name in fake_modules():
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(varlen, "available", lambda: True)
-    assert not flash_attn_2_installed()
-    assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == varlen.VARLEN
-    (tmp_path / "flash_attn" / "flash_attn_interface.py").write_text("")  # flash-attn 2's own module
-    assert flash_attn_2_installed()
-    assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == "flash_attention_2"
+    try:
+        assert not flash_attn_2_installed()
+        assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == varlen.VARLEN
+        (tmp_path / "flash_attn" / "flash_attn_interface.py").write_text("")  # flash-attn 2's own module
+        assert flash_attn_2_installed()
+        assert attn_implementation(ModelConfig(), "cuda", training=True, packed=True) == "flash_attention_2"
+    finally:  # the namespace package find_spec imported stays in sys.modules: later tests would find it
+        for name in fake_modules():
+            del sys.modules[name]
