@@ -4,10 +4,11 @@
 
 One packed micro-batch as training sees it: ``--tokens`` tokens of conversations with the training data's lengths
 (lognormal, mean ~1,300, cap 2048), Mistral-7B's heads (32 query, 8 key/value, 128 dims), bf16, causal within each
-conversation. For each kernel: the first call's seconds (flash-attention 4 compiles its kernels then), then the
-median milliseconds of forward and of forward + backward over ``--iters`` calls, the TFLOP/s that makes, and the
-largest difference of the output and the gradients from PyTorch's kernel. Also the check ``sft_pipeline/varlen.py``
-runs before it uses flash-attention 4. Each kernel once, in this process (nothing here changes a process-wide
+conversation. For each kernel: the first call's seconds (flash-attention 4 compiles its kernels then, or loads
+them from its compile cache, ``varlen.fa4_cache_dir``, where an earlier process compiled them), then the median
+milliseconds of forward and of forward + backward over ``--iters`` calls, the TFLOP/s that makes, and the largest
+difference of the output and the gradients from PyTorch's kernel. Also the check ``sft_pipeline/varlen.py`` runs
+before it uses flash-attention 4. Each kernel once, in this process (nothing here changes a process-wide
 setting). Writes ``attention.json`` under ``--out``.
 """
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main() -> None:
     if "error" not in result.get("fa4", {"error": 1}):
         result["check_passes"] = varlen.agrees(varlen.fa4_kernel, "cuda", torch.bfloat16)
         print("varlen.agrees(fa4_kernel):", result["check_passes"], flush=True)
+    result["fa4_compile_cache"] = os.environ.get(varlen.FA4_CACHE_ENV[1])  # set on flash-attention 4's import
+    print("flash-attention 4's compile cache:", result["fa4_compile_cache"], flush=True)
     Path(a.out, "attention.json").write_text(json.dumps(result, indent=1))
 
 

@@ -42,6 +42,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
   ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False`` (the allocator the flow had before the train stage applied
   expandable segments to a running allocator). Every setting reports the allocator's reserved peak beside the peak
   allocated
+- ``...@torchkernel``: the same with PyTorch's varlen attention kernel even where flash-attention 4 is installed
+  (``eval@torchkernel``: the evaluate stage's scoring; ``torchvarlen`` is training's)
 - ``...@prof``: the same, with the torch profiler on for the last warm-up optimizer step (not timed): GPU time by
   kind of kernel, the busy share of the step's wall time, host-device syncs; the 25 longest kernels in the log
 
@@ -244,6 +246,10 @@ def run_eval(result: dict, rows: int = 300, pad_to_multiple_of: int | None = Non
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                   settings={"batch_size": cfg.evaluation.batch_size, "attn_implementation":
                             attn_label(mode.get("attn") or model.config._attn_implementation), "rows": rows, **mode})
+    if mode.get("packed"):
+        from sft_pipeline import varlen
+
+        result["settings"]["attention_kernel"] = varlen.kernel_label()
     return result
 
 
@@ -254,13 +260,18 @@ def run_one(setting: str) -> dict:
 
     if "@fixedseg" in setting:  # a user's value: the train stage keeps it
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
+    if "@torchkernel" in setting:  # PyTorch's varlen kernel even where flash-attention 4 is installed
+        from sft_pipeline import varlen
+
+        varlen.use_kernel("torch")
     if "@cudafirst" in setting:  # CUDA started before training, as in the flow
         torch.empty(2**30, dtype=torch.uint8, device="cuda")  # freed at once, kept in the allocator's cache
     ds = datasets.Dataset.from_parquet(str(DATA))
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     result: dict = {"setting": setting}
     if setting.startswith("eval"):  # eval: padding-free rows; eval64: batches padded to a multiple of 64 (SDPA)
-        return run_eval(result, pad_to_multiple_of=int(setting[4:]) if setting[4:] else None)
+        pad = setting.split("@")[0][4:]
+        return run_eval(result, pad_to_multiple_of=int(pad) if pad else None)
     steps = WARM_STEPS + TIMED_STEPS
     out = f"/tmp/bench-{setting}-{os.getpid()}"
     speed = SPEEDS.get(setting.split("@")[0])
@@ -355,7 +366,7 @@ def main() -> None:
     unknown = [s for s in order if s.split("@")[0] not in KNOWN]
     if unknown:  # before the GPU work below: a typo must not cost a call's prepare time
         p.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)} "
-                "(suffixes: @hold<GiB>, @prof, @cudafirst, @fixedseg)")
+                "(suffixes: @hold<GiB>, @prof, @cudafirst, @fixedseg, @torchkernel)")
     t0 = time.monotonic()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     # built in a child process: the parent never holds GPU memory (its allocator's cache would shrink every plan)
@@ -391,11 +402,11 @@ def main() -> None:
     n_params = 7.24e9
     med = {s: statistics.median(r["tok_s"] for r in rs if "tok_s" in r) for s, rs in results.items()
            if any("tok_s" in r for r in rs)}
-    base = med.get("notebook")
+    base, plain = med.get("notebook"), med.get("liger2")  # the notebook's settings; the best plain trl setting
     print(f"\n{card}, effective batch {EFFECTIVE_BATCH}, {TIMED_STEPS} timed optimizer steps after {WARM_STEPS} warm-up")
     print(", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"{'setting':<16}{'tok/s (runs)':<24}{'median':>8}{'peak GiB':>10}{'reserved':>10}{'x notebook':>12}"
-          f"{'MFU':>7}")
+          f"{'x liger2':>10}{'MFU':>7}")
     for s, rs in results.items():
         ok = [r for r in rs if "tok_s" in r]
         if not ok:
@@ -403,6 +414,7 @@ def main() -> None:
             continue
         runs = " / ".join(str(r["tok_s"]) for r in ok)
         ratio = f"{med[s] / base:.2f}" if base else "-"
+        ratio2 = f"{med[s] / plain:.2f}" if plain and not s.startswith("eval") else "-"
         # FLOPs a token: training 4N (forward, and the backward's input gradients; the frozen base has no weight
         # gradients), scoring 2N (forward only)
         mfu = med[s] * (2 if s.startswith("eval") else 4) * n_params / (PEAK_TFLOPS * 1e12)
@@ -410,7 +422,7 @@ def main() -> None:
         mb = f"{plan.get('per_device_batch_size', ok[0].get('settings', {}).get('per_device_batch_size'))}"
         reserved = max(r.get("reserved_gib", 0) for r in ok)
         print(f"{s:<16}{runs:<24}{med[s]:>8.0f}{max(r['peak_gib'] for r in ok):>10.1f}{reserved:>10.1f}{ratio:>12}"
-              f"{mfu:>7.1%}"
+              f"{ratio2:>10}{mfu:>7.1%}"
               f"  mb {mb} {ok[0].get('dynamo', '')}")
 
 

@@ -15,9 +15,12 @@ keeps PyTorch's (the benchmark compares the two).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import logging
+import os
 import weakref
+from pathlib import Path
 
 log = logging.getLogger("sft_pipeline.varlen")
 VARLEN = "sft_varlen"
@@ -75,10 +78,31 @@ def _torch_kernel():
     return varlen_attn
 
 
+FA4_CACHE_ENV = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+
+
+def fa4_cache_dir() -> Path:
+    """Where flash-attention 4 keeps the kernels it compiled, across processes and runs: each process otherwise
+    compiles its kernels again on its first attention call (~16 s on an H200). Keyed there by its sources, the
+    CUTLASS DSL's version, the GPU architecture and the kernel's shape parameters, so a stale entry is never used."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sft-pipeline" / "flash-attn-cute"
+
+
 @functools.lru_cache(maxsize=None)
 def _fa4_function():
     """flash-attention 4's varlen function, or None when it is not installed (or does not import); looked up once
-    (``fa4_kernel`` calls it in every layer)."""
+    (``fa4_kernel`` calls it in every layer). Its persistent compile cache is switched on (``fa4_cache_dir``) unless
+    the user set either of its variables: they are read when flash-attention 4 is imported."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    if not any(name in os.environ for name in FA4_CACHE_ENV):
+        where = fa4_cache_dir()
+        try:  # a home that cannot be written (a locked-down container): compile in each process, as it would
+            where.mkdir(parents=True, exist_ok=True)
+            os.environ.update({FA4_CACHE_ENV[0]: "1", FA4_CACHE_ENV[1]: str(where)})
+        except OSError as e:
+            log.info("flash-attention 4: no persistent compile cache (%s)", e)
     try:
         from flash_attn.cute import flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - a beta package whose compiler stack may be missing pieces: use torch's kernel

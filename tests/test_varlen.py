@@ -7,6 +7,9 @@ config check. The kernel itself was measured on an H200 (BENCHMARKS.md: the same
 """
 from __future__ import annotations
 
+import importlib.machinery
+import os
+
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
@@ -207,3 +210,45 @@ def test_flash_attention_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeyp
     finally:  # the namespace package find_spec imported stays in sys.modules: later tests would find it
         for name in fake_modules():
             del sys.modules[name]
+
+
+@pytest.mark.parametrize("user", [None, "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
+def test_fa4_keeps_its_compiled_kernels_across_processes_unless_the_user_chose(tmp_path, monkeypatch, user):
+    """flash-attention 4 reads its cache variables when imported: they must be set before, to a directory that
+    exists; a user's own setting (either variable) is left as it is."""
+    import sys
+    import types
+
+    seen = {}
+    cute = types.ModuleType("flash_attn.cute")
+
+    def module_getattr(name):  # records the environment as flash-attention 4's import would read it
+        seen.update({n: os.environ.get(n) for n in varlen.FA4_CACHE_ENV})
+        if name == "flash_attn_varlen_func":
+            return fake_fa4
+        raise AttributeError(name)
+
+    cute.__getattr__ = module_getattr
+    package = types.ModuleType("flash_attn")
+    package.__path__, package.__spec__ = [], importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in varlen.FA4_CACHE_ENV:
+        monkeypatch.setenv(name, "x")  # recorded, so that the teardown restores the variables' absence
+        monkeypatch.delenv(name)
+    if user:
+        monkeypatch.setenv(user, "0" if user.endswith("ENABLED") else str(tmp_path / "mine"))
+    varlen._fa4_function.cache_clear()
+    try:
+        assert varlen._fa4_function() is fake_fa4
+    finally:
+        varlen._fa4_function.cache_clear()
+    if user is None:
+        where = tmp_path / "cache" / "sft-pipeline" / "flash-attn-cute"
+        assert seen == {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(where)}
+        assert where.is_dir()
+    else:
+        assert seen == {n: os.environ.get(n) for n in varlen.FA4_CACHE_ENV} and list(seen.values()).count(None) == 1
+        assert not (tmp_path / "cache").exists()
