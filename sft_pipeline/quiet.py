@@ -11,7 +11,7 @@ a run's terminal holds, besides the summary table on stdout, only these lines of
 - warnings and errors (a bug keeps its traceback); with a Prefect server that has a UI, the run's ``View at`` URL.
 
 What it hides: progress bars of datasets / transformers / huggingface_hub, library FutureWarnings and
-DeprecationWarnings, library loggers below ERROR (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module
+DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), library loggers below ERROR (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module
 named 'kernels'", transformers' advice), Prefect's own INFO lines (temporary server start/stop, flow run begin/end),
 and the flow's copy of the failure that the CLI prints as its ``error:`` line. ``--verbose`` shows everything.
 The Prefect UI always gets every log line: only the terminal handler is filtered.
@@ -25,6 +25,10 @@ import logging
 import os
 import warnings
 
+# flash-attention 4's CUTLASS DSL, at each kernel's first call: "Argument aux_data (position 17) cannot be converted
+# to a JitArgument for function '...'. Its type ... is not supported. If the value is known at compile time, annotate
+# it ..." (flash-attn-4 4.0.0b36; advice to flash-attention's authors, nothing a user can act on)
+CUTLASS_NOTE = "Argument aux_data"
 # read by the libraries when they are imported (and by child processes, e.g. one per GPU)
 QUIET_ENV = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # "Creating parquet ...", "tokenize ...", "Generating train split"
@@ -34,7 +38,7 @@ QUIET_ENV = {
     # the root's); the stage's retries are said by say_retry
     "HF_HUB_VERBOSITY": "error",
     "DATASETS_VERBOSITY": "error",
-    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "PYTHONWARNINGS": f"ignore::FutureWarning,ignore::DeprecationWarning,ignore:{CUTLASS_NOTE}:UserWarning",
 }
 QUIET_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl")
 _RETRY_PREFIX = "Task run failed with"  # Prefect's own retry / retries-exhausted lines (ours say it shorter)
@@ -51,6 +55,7 @@ def quiet(verbose: bool = False) -> None:
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=CUTLASS_NOTE, category=UserWarning)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -124,6 +124,34 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def test_flash_attention_4_compiler_notes_are_hidden_unless_verbose(monkeypatch):
+    """flash-attention 4's CUTLASS DSL warns at each kernel's first call with advice for its own authors: quiet
+    hides it in this process and (through PYTHONWARNINGS) in child processes such as torchrun's ranks; other
+    UserWarnings stay; verbose keeps it."""
+    import warnings
+
+    from sft_pipeline.quiet import QUIET_ENV, quiet
+
+    note = ("Argument aux_data (position 17) cannot be converted to a JitArgument for function 'cutlass___call___"
+            "flash_attncuteflash_fwd_sm90'. Its type `<class 'flash_attn.cute.utils.AuxData'>` is not supported.")
+    for name in QUIET_ENV:  # quiet sets what the user has not: restored after the test
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    for verbose in (False, True):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet(verbose)
+            warnings.warn(note, UserWarning)
+            warnings.warn("a warning of the project's own", UserWarning)
+        messages = [str(w.message) for w in seen]
+        assert "a warning of the project's own" in messages
+        assert (note in messages) == verbose
+    child = subprocess.run([sys.executable, "-c", f"import warnings; warnings.warn({note!r}, UserWarning); "
+                            "warnings.warn('a warning of the project', UserWarning)"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONWARNINGS": QUIET_ENV["PYTHONWARNINGS"]})
+    assert "a warning of the project" in child.stderr and "aux_data" not in child.stderr
+
+
 def test_adapter_loads_from_another_directory_after_the_store_moved(tiny_run, tmp_path):
     """~20 s here. The model card's snippet, run from an unrelated directory on a copy of the store, while the
     original store's base model is out of the way: it loads the base the copy holds and generates."""
