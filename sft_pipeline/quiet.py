@@ -1,7 +1,8 @@
 """What the terminal shows during a run: the promised lines, not every library's chatter.
 
-``quiet(verbose)`` and ``quiet_prefect(verbose)`` are called by the CLI (not by the stages: a deployment's worker keeps its own settings). Quiet,
-a run's terminal holds, besides the summary table on stdout, only these lines of Prefect's log format on stderr:
+``quiet(verbose)`` and ``quiet_prefect(verbose)`` are called by the CLI (not by the stages: a deployment's worker
+keeps its own settings). Quiet, a run's terminal holds, besides the summary table on stdout, only these lines of
+Prefect's log format on stderr:
 
 - per stage, a start line (``train: computing <key>``, ``data: reusing the finished artifact <path>``, or
   ``waiting for ...`` while another run computes it) and an end line (``Finished in state Completed()`` /
@@ -11,10 +12,11 @@ a run's terminal holds, besides the summary table on stdout, only these lines of
 - warnings and errors (a bug keeps its traceback); with a Prefect server that has a UI, the run's ``View at`` URL.
 
 What it hides: progress bars of datasets / transformers / huggingface_hub, library FutureWarnings and
-DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), library loggers below ERROR (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module
-named 'kernels'", transformers' advice), Prefect's own INFO lines (temporary server start/stop, flow run begin/end),
-and the flow's copy of the failure that the CLI prints as its ``error:`` line. ``--verbose`` shows everything.
-The Prefect UI always gets every log line: only the terminal handler is filtered.
+DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), library loggers below ERROR
+(bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named 'kernels'", transformers' advice),
+Prefect's own INFO lines (temporary server start/stop, flow run begin/end), and the flow's copy of the failure that
+the CLI prints as its ``error:`` line. ``--verbose`` shows everything. The Prefect UI always gets every log line:
+only the terminal handler is filtered.
 
 Settings that must reach child processes (progress bars, library verbosity, warnings) are environment variables,
 set only where the user has not set them.

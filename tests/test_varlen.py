@@ -212,10 +212,12 @@ def test_flash_attention_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeyp
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("user", [None, "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"])
+@pytest.mark.parametrize("user", [None, "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",
+                                  "unwritable"])
 def test_fa4_keeps_its_compiled_kernels_across_processes_unless_the_user_chose(tmp_path, monkeypatch, user):
     """flash-attention 4 reads its cache variables when imported: they must be set before, to a directory that
-    exists; a user's own setting (either variable) is left as it is."""
+    exists; a user's own setting (either variable) is left as it is; where the cache cannot be made, flash-attention
+    4 is still used (compiling in each process)."""
     import sys
     import types
 
@@ -238,7 +240,9 @@ def test_fa4_keeps_its_compiled_kernels_across_processes_unless_the_user_chose(t
     for name in varlen.FA4_CACHE_ENV:
         monkeypatch.setenv(name, "x")  # recorded, so that the teardown restores the variables' absence
         monkeypatch.delenv(name)
-    if user:
+    if user == "unwritable":  # the cache's parent is a file
+        (tmp_path / "cache").write_text("")
+    elif user:
         monkeypatch.setenv(user, "0" if user.endswith("ENABLED") else str(tmp_path / "mine"))
     varlen._fa4_function.cache_clear()
     try:
@@ -249,6 +253,8 @@ def test_fa4_keeps_its_compiled_kernels_across_processes_unless_the_user_chose(t
         where = tmp_path / "cache" / "sft-pipeline" / "flash-attn-cute"
         assert seen == {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(where)}
         assert where.is_dir()
+    elif user == "unwritable":
+        assert seen == {n: None for n in varlen.FA4_CACHE_ENV}
     else:
         assert seen == {n: os.environ.get(n) for n in varlen.FA4_CACHE_ENV} and list(seen.values()).count(None) == 1
         assert not (tmp_path / "cache").exists()
