@@ -116,8 +116,16 @@ def _spawn(targs: list[str], failures: Path, env: dict | None, nproc: int = 1) -
                             start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the launcher's group (torchrun and every rank), SIGKILL to what is left after 15 s."""
+def _stop(proc: subprocess.Popen, work: Path) -> None:
+    """Stop the launcher's group (``_stop_group``), then SIGKILL any rank of ``work`` still alive: torchrun starts
+    each rank in a session of its own, so a rank that does not end on SIGTERM (stopped, or wedged) would outlive a
+    torchrun killed before it got to SIGKILL."""
+    _stop_group(proc)
+    _signal_ranks(work, signal.SIGKILL)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the launcher's group (torchrun, which stops its ranks), SIGKILL to what is left after 15 s."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -150,17 +158,24 @@ def _latest_heartbeat(work: Path) -> float | None:
     return max(beats) if beats else None
 
 
-def _dump_stacks(work: Path) -> None:
-    """SIGUSR1 to every live rank of this work dir: ``rank_train`` prints all its threads' stacks (faulthandler),
-    so a hang says where each rank waited. Only processes that are ranks get the signal (pids are reused)."""
+def _signal_ranks(work: Path, sig: signal.Signals) -> None:
+    """``sig`` to every live rank of this work dir (the pids its heartbeat files hold). Only processes that are
+    ranks of this work dir get it (pids are reused): their command line names its job file."""
     beats = (work / HEARTBEATS).glob("rank-*") if (work / HEARTBEATS).is_dir() else []
     for beat in beats:
         try:
             pid = int(beat.read_text().strip())
-            if b"sft_pipeline.rank_train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGUSR1)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"sft_pipeline.rank_train" in cmdline and str(work).encode() in cmdline:
+                os.kill(pid, sig)
         except (ValueError, OSError):
             continue
+
+
+def _dump_stacks(work: Path) -> None:
+    """SIGUSR1 to every live rank: ``rank_train`` prints all its threads' stacks (faulthandler), so a hang says where
+    each rank waited."""
+    _signal_ranks(work, signal.SIGUSR1)
 
 
 def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: float, timeout_s: float | None,
@@ -198,7 +213,7 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
             _dump_stacks(work)
             dump_until = now + 5  # the stacks arrive through the ranks' output
         if dump_until is not None and now >= dump_until:
-            _stop(proc)
+            _stop(proc, work)
             break
     return proc.wait(), reason, tail
 
@@ -311,7 +326,7 @@ def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: in
         try:
             code, reason, tail = _wait(proc, logger, work, started, timeout_s, stall_s)
         finally:
-            _stop(proc)  # whatever happened, no rank of this group survives
+            _stop(proc, work)  # whatever happened, no rank of this group survives
         if code == 0 and reason is None and (out / "train_metrics.json").is_file():
             return json.loads((out / "train_metrics.json").read_text())
         if reason:

@@ -283,6 +283,14 @@ def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny
           f"rerun {time.time() - t0:.0f} s")
 
 
+def _gone(pid: int) -> bool:
+    """No such process, or one that has exited and waits only to be reaped."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
 # ~45 s here idle: 2 ranks train, one is frozen (SIGSTOP) so the other waits in a collective; the watchdog stops the
 # group after `stall_s` without progress, and the waiting rank's stack (faulthandler, SIGUSR1) is in the log first
 def test_a_hung_group_is_stopped_by_the_watchdog_and_says_where_ranks_waited(tiny_inputs, tmp_path):
@@ -305,9 +313,14 @@ def test_a_hung_group_is_stopped_by_the_watchdog_and_says_where_ranks_waited(tin
         if first is None and beat.is_file():
             first = beat.stat().st_mtime
         time.sleep(0.2)
-    os.kill(int(beat.read_text()), signal.SIGSTOP)
+    stopped = int(beat.read_text())
+    os.kill(stopped, signal.SIGSTOP)  # a rank that hangs, and ignores SIGTERM while it does
     t.join(120)
     assert not t.is_alive() and caught
+    deadline = time.time() + 10  # SIGKILL reaches a stopped process; its exit may take a moment
+    while not _gone(stopped) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _gone(stopped), "the stopped rank outlived the stage (torchrun starts ranks in sessions of their own)"
     err = caught[0]
     assert isinstance(err, RankLost) and "no rank made progress" in str(err) and "\n" not in str(err)
     assert any(re.match(r"\[rank 0\] +File \".*\", line \d+ in ", line) for line in lines.lines), lines.lines[-30:]
