@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sft_pipeline.stage import Facts, Stage, key_parts, stage_key
+from sft_pipeline.tokens import planned_tokens
 from sft_pipeline.store import MANIFEST, ArtifactRef, Store
 
 
@@ -150,16 +151,6 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
         if same and rate:
             found.append((m.get("created", ""), float(rate)))
     return (max(found)[1], "the last run of this model in this store") if found else None
-
-
-def planned_tokens(training, ids_parquet: str | Path) -> int:
-    """``training.planned_tokens`` of a split's token ids as the format stage saved them (cut to
-    ``format.max_length``; its stats.json counts them before the cut)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
-    return training.planned_tokens(pc.list_value_length(ids).to_pylist())
 
 
 def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:

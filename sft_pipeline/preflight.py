@@ -27,16 +27,9 @@ from pathlib import Path
 
 from sft_pipeline.config import PipelineConfig
 from sft_pipeline.errors import ConfigError, ModelSourceError
+from sft_pipeline.tokens import template_overhead
 
 OVERHEAD_CHECK_BELOW = 512  # a chat template adds a few dozen tokens; only a shorter max_length can be too short
-
-
-def template_overhead(tok, system_message: str | None) -> int:
-    """Tokens a conversation takes beyond its content: a one-token user turn and reply, templated."""
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    if system_message is not None:
-        messages.insert(0, {"role": "system", "content": system_message})
-    return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
 def _device(cfg: PipelineConfig) -> str | None:

@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> dict:
     import datasets
 
     from sft_pipeline.models import load_tokenizer
-    from sft_pipeline.preflight import template_overhead
+    from sft_pipeline.tokens import template_overhead
 
     fmt, data = ctx.cfg.format, ctx.cfg.data
     tok = load_tokenizer(ctx.base_model(), ctx.cfg.model, fmt.chat_template, token=ctx.hf_token)
