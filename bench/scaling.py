@@ -78,11 +78,11 @@ def visible_gpus() -> list[str]:
 
 
 def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, run_dir: Path,
-             extra: list[str] = (), speed: dict | None = None) -> dict:
+             extra: list[str] = (), speed: dict | None = None):
     """The job every rank reads: the recipe with the bench's overrides (no checkpoints, loss every step), then
-    ``extra`` (``--set``) overrides, and ``speed`` (``--speed``: entries of ``trainer.SPEED``)."""
+    ``extra`` (``--set``) overrides, and ``speed`` (``--speed``: entries of ``training.build.SPEED``)."""
     from sft_pipeline.config import load_config
-    from sft_pipeline.launch import rank_job
+    from sft_pipeline.training.job import TrainJob
 
     overrides = ["model.source=local", f"model.name={prep['model']}", f"training.max_steps={steps}",
                  "training.logging_steps=1", "training.eval_strategy=no", "training.save_steps=100000",
@@ -94,10 +94,10 @@ def make_job(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: b
     else:
         cfg = load_config("mistral-7b-qlora", overrides + [
             "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}", *extra])
-    job = rank_job(train=prep["train"], eval=None, tokenizer=prep["tokenizer"], model_path=prep["model"],
+    return TrainJob(train=prep["train"], eval=None, tokenizer=prep["tokenizer"], model_path=prep["model"],
                     model=cfg.model, quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
-                    max_length=cfg.format.max_length, work=run_dir / "work", out=run_dir / "out", device=device)
-    return {**job, "speed": speed} if speed else job
+                    max_length=cfg.format.max_length, work=run_dir / "work", out=run_dir / "out", device=device,
+                    speed=speed or None)
 
 
 def run_setting(prep: dict, n: int, strategy: str, steps: int, device: str, tiny: bool, out: Path, tag: str,
@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every setting, e.g. model.attn_implementation=sdpa (repeatable)")
     p.add_argument("--speed", default="", metavar="K=V,...",
-                   help="trainer.SPEED entries for every setting, e.g. plan=estimate,warm=false")
+                   help="training.build.SPEED entries for every setting, e.g. plan=estimate,warm=false")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny recipe's model and data (a CPU dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -210,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.strategies = strategies
     from sft_pipeline.config import load_config
     from sft_pipeline.errors import ConfigError
-    from sft_pipeline.trainer import SPEED
+    from sft_pipeline.training.build import SPEED
 
     try:
         load_config("tiny" if a.tiny else "mistral-7b-qlora", a.set)

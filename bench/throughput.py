@@ -25,10 +25,10 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
   change (dropout regularizes)
 - ``peftlora``: the default before the LoRA glue levers: peft's forward and one dropout mask per adapted module
   (``lora.shared_dropout=false``, speed ``lora_add=peft``); ``sharedrop``: that with one mask per input (q/k/v
-  share one, ``trainer._share_dropout``, now the default); ``addmm``: that with each adapter added inside its second
-  GEMM (``trainer._fuse_lora_add``, now the default)
+  share one, ``training.lora.share_dropout``, now the default); ``addmm``: that with each adapter added inside its second
+  GEMM (``training.lora.fuse_lora_add``, now the default)
 - ``splita``: the default with one A GEMM per adapter, instead of the A matrices of the adapters that read one
-  input as one GEMM (``trainer._fuse_lora_a``, the default; measured as ``fuseda`` before it was)
+  input as one GEMM (``training.lora.fuse_lora_a``, the default; measured as ``fuseda`` before it was)
 - ``mb16``: the default with the measured plan allowed up to micro-batch 16 (cap 8 is the default)
 - ``keep4bit``: the default with the 4-bit base dequantized in every forward and backward, as bitsandbytes does,
   even where the plan leaves room to keep the weights dequantized (``sft_pipeline/base_weights.py``, the default)
@@ -279,16 +279,18 @@ def run_one(setting: str) -> dict:
     callbacks = ([_profiler(result)] if "@prof" in setting else []) + [_timer(result)]
     if setting.startswith("project") or speed is not None:
         from sft_pipeline.config import load_config
-        from sft_pipeline.trainer import build_trainer
+        from sft_pipeline.training.build import build_trainer
+        from sft_pipeline.training.job import TrainData, TrainJob
 
         cfg = load_config("mistral-7b-qlora", [
             "model.source=local", f"model.name={MODEL_DIR}", f"training.max_steps={steps}", "training.logging_steps=1",
             "training.per_device_batch_size=1", f"training.gradient_accumulation_steps={EFFECTIVE_BATCH}",
             "training.eval_strategy=no", "training.save_steps=100000", "training.save_minutes=null",
             *OVERRIDES.get(setting.split("@")[0], [])])
-        trainer, metrics = build_trainer(ds, None, tok, str(MODEL_DIR), cfg.model, cfg.quantization, cfg.lora,
-                                         cfg.training, cfg.format.max_length, out, "cuda",
-                                         extra_callbacks=callbacks, speed=speed)
+        job = TrainJob(train=str(DATA), eval=None, tokenizer=str(MODEL_DIR), model_path=str(MODEL_DIR), model=cfg.model,
+                       quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
+                       max_length=cfg.format.max_length, work=out, out=out, device="cuda", speed=speed)
+        trainer, metrics = build_trainer(job, TrainData(ds, None, tok), callbacks=callbacks)
         result["settings"] = {k: metrics[k] for k in ("batch_plan", "liger", "optim", "attn_implementation", "head",
                                                        "compile")}
         for key in ("shared_dropout_modules", "addmm_lora_modules", "fused_lora_a_modules", "dequantized_modules",
@@ -302,7 +304,7 @@ def run_one(setting: str) -> dict:
 
         bs, ckpt, liger = PLAIN[setting.split("@")[0]]
         if liger:  # the Triton kernels the project runs too (Liger would pick CuTe DSL ones where CUTLASS imports)
-            from sft_pipeline.trainer import pin_liger_triton
+            from sft_pipeline.training.cuda import pin_liger_triton
 
             pin_liger_triton()
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -8,7 +8,8 @@ read this table, so they cannot drift apart. Per row:
   model's content fingerprint, ``data`` with the data's content fingerprint, ``secrets`` by where each is found;
 - ``reads``: fields it reads that do not change its output (left out of the key);
 - ``code``: its code version and the texts it applies; editing a docstring re-runs nothing, editing a template or
-  bumping a VERSION re-runs the stage and everything after it.
+  bumping a VERSION re-runs the stage and everything after it. The train stage's also holds a hash of the code it
+  runs (``tasks/train.py``'s ``CODE``, comments and docstrings left out): editing that code retrains.
 
 Changing a field re-runs the first stage that keys on it and every stage after it that reads its artifact: e.g.
 ``lora.r`` → train, evaluate, save_adapter, generate; ``format.max_length`` → format onwards.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from sft_pipeline import chat_data, synthetic
 from sft_pipeline.models import ZEPHYR_TEMPLATE
+from sft_pipeline.source_hash import source_hash
 from sft_pipeline.stage import Stage
 from tasks import authenticate, data, evaluate, format, generate, save_adapter, train
 
@@ -37,7 +39,7 @@ STAGES: tuple[Stage, ...] = (
           # where logs go, the cost estimate's price, and how many processes share the same effective batch
           reads=("tracking", "training.price_per_hour", "training.num_processes", "training.strategy",
                  "training.collective_timeout_minutes"),
-          code=(train.VERSION,), retries=1),
+          code=(train.VERSION, source_hash(train.CODE)), retries=1),
     Stage("evaluate", evaluate.run, needs=("format", "train"),
           keyed=("model", "quantization", "evaluation", "data.test_split"),
           code=(evaluate.VERSION,)),

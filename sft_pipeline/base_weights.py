@@ -43,10 +43,10 @@ def extra_bytes(model) -> int:
     return max(extra, 0)
 
 
-def room_for(plan: dict, extra: int) -> bool:
-    """Whether a batch plan leaves ``extra`` bytes beside its micro-batch (``trainer.choose_batch``'s spare): the
-    fastest micro-batch comes first, the dequantized weights take only what it leaves."""
-    return 0 < extra <= plan.get("spare_gib", 0) * 2**30
+def room_for(plan, extra: int) -> bool:
+    """Whether a batch plan (``training.batch.BatchPlan``) leaves ``extra`` bytes beside its micro-batch (its
+    ``spare_gib``): the fastest micro-batch comes first, the dequantized weights take only what it leaves."""
+    return 0 < extra <= (plan.spare_gib or 0) * 2**30
 
 
 def keep_dequantized(model) -> int:

@@ -65,7 +65,7 @@ def _quiet_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # before anything starts CUDA (the preflight reads the free GPU memory): the train stage's allocator setting
-    from sft_pipeline.trainer import ALLOC_CONF
+    from sft_pipeline.training.cuda import ALLOC_CONF
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
 

@@ -3,6 +3,7 @@
 - ``ConfigError``: a bad recipe, override or input named by the config; exit 2, before any stage runs.
 - ``StageFailure``: a failure a retry cannot fix (bad data, a gated model without a token); never retried.
 - ``HubUnreachable``: the hub did not answer; retried, then reported with its message.
+- ``TrainingInterrupted``: training stopped on request (SIGTERM) after a sealed checkpoint; not retried.
 - ``StageError(stage, cause)``: what the flow raises when a stage failed for good; ``failure_message`` turns it
   into ``stage 'train' failed: ...``, the same line in the CLI, the run summary and the Failed state.
 
@@ -34,6 +35,22 @@ class ModelSourceError(StageFailure):
 
 class HubUnreachable(ConnectionError):
     """The hub could not be reached: retried (the network may come back), then reported with this message."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (``training.stop``: SIGTERM) at ``step``, after saving the sealed checkpoint
+    ``checkpoint`` (None: stopped before its first step). Not a failure a retry should fix: the same command again
+    resumes from that checkpoint."""
+
+    def __init__(self, step: int | None, checkpoint: str | None, reason: str = "stop requested"):
+        name = checkpoint.rstrip("/").rsplit("/", 1)[-1] if checkpoint else None
+        saved = f"{name} is saved" if name else "no checkpoint yet"
+        at = f"at step {step}" if step is not None else "before its first step"
+        super().__init__(f"train: stopped {at} ({reason}); {saved}: run the same command again to resume")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+    def __reduce__(self):  # pickled with its own arguments (Prefect keeps a failed task's exception)
+        return type(self), (self.step, self.checkpoint, self.reason)
 
 
 class StageError(RuntimeError):
@@ -114,7 +131,7 @@ def failure_message(exc: BaseException) -> str:
 
 
 def _message(exc: BaseException) -> str:
-    if isinstance(exc, (StageFailure, ConfigError, HubUnreachable)):
+    if isinstance(exc, (StageFailure, ConfigError, HubUnreachable, TrainingInterrupted)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         where = f" while writing {exc.filename}" if exc.filename else ""

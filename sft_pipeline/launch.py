@@ -2,23 +2,32 @@
 
 ``run_ranks(job, nproc, logger)`` starts ``python -m torch.distributed.run`` (torchrun) in its own process group
 with ``nproc`` copies of ``sft_pipeline.rank_train`` (one 4-bit model per rank, DDP or FSDP), streams every rank's
-output line by line into ``logger`` as ``[rank k] ...``, and returns rank 0's training metrics. The ranks only read
-the format stage's token ids; rank 0 writes the artifact's files into ``job["out"]``.
+output line by line into ``logger`` as ``[rank k] ...``, and returns rank 0's training metrics. Every rank runs the
+same training function as one process does (``training.run.train``) on the ``TrainJob``; the ranks only read the
+format stage's token ids; rank 0 writes the artifact's files into ``job.out``.
 
 Faults: torchrun stops the whole group when one rank dies (its ``--max-restarts 0``), every collective gives up
 after ``training.collective_timeout_minutes``, and a watchdog here stops the group when no rank has made progress
 for longer than that (or after ``timeout_s``). The first failure, read from torchrun's per-rank error files
 (``@record`` in ``rank_train``), becomes one line naming the rank. CUDA out of memory in any rank restarts the group
-from the last sealed checkpoint at half the per-rank micro-batch (the same effective batch); a killed or lost rank
-raises ``RankLost`` (retried: the retry resumes from the last sealed checkpoint), a rank's own error ``RankFailure``.
+from the last sealed checkpoint at half the per-rank micro-batch (the same effective batch; ``training.fallback``, the
+one-process path's fallback); a killed or lost rank raises ``RankLost`` (retried: the retry resumes from the last
+sealed checkpoint), a rank's own error ``RankFailure``.
+
+A stop requested in this process (``training.stop.request``, e.g. by a SIGTERM handler) is passed on to the group as
+SIGTERM to torchrun, which sends it to every rank and waits for them (its shutdown timeout, 30 s unless
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise, then SIGKILL). The ranks stop together at the end of one step
+after its sealed checkpoint, rank 0 writes where (``INTERRUPTED_FILE``), every rank exits with 143, torchrun too,
+and ``run_ranks`` raises ``TrainingInterrupted``.
 
 Across machines: every node runs ``python -m sft_pipeline.launch node`` except the one running the flow, which
-publishes the job on the shared store (``job["publish"]``); all join torchrun's c10d rendezvous
+publishes the job on the shared store (``job.publish``); all join torchrun's c10d rendezvous
 (see ``deployments/k8s-multinode-job-template.json``).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -29,15 +38,22 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sft_pipeline.errors import StageFailure, is_oom
-from sft_pipeline.store import write_json_atomic
+from sft_pipeline.errors import StageFailure, TrainingInterrupted, is_oom
 from sft_pipeline.parallel import checkpoint_world_size
+from sft_pipeline.store import write_json_atomic
+from sft_pipeline.training import fallback, stop
+from sft_pipeline.training.checkpoints import last_checkpoint
+from sft_pipeline.training.job import TrainJob
 
 log = logging.getLogger("sft_pipeline.launch")
 TOKEN_ENV = "SFT_PIPELINE_RANK_HF_TOKEN"  # the HF token reaches the ranks by environment, never in a file
 HEARTBEATS = ".ranks"  # in the work dir: one file per rank, touched at every step (the watchdog reads them)
+OOM_FILE = "oom.json"  # in the work dir: a rank that ran out of memory in training says at which step, which plan
+INTERRUPTED_FILE = "interrupted.json"  # in the work dir: rank 0 of a group stopped on request says where
+INTERRUPTED_EXIT = 128 + signal.SIGTERM  # a rank (and torchrun) that stopped on SIGTERM after its checkpoint
 # messages of a rank that only saw another rank go away (a symptom, not the cause)
 _PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|peer|gloo|nccl|timed out|timeout|socket|"
                         r"ProcessGroup|DistBackendError|Watchdog caught collective", re.IGNORECASE)
@@ -50,39 +66,6 @@ class RankFailure(RuntimeError):
 
 class RankLost(ConnectionError):
     """A rank was killed, lost its peers or timed out: retried (a retry resumes from the last sealed checkpoint)."""
-
-
-# --------------------------------------------------------------------------------------------- plans and settings
-def _rank_batch(work: Path) -> dict | None:
-    """An out-of-memory fallback of an earlier group (per-rank numbers), kept for reruns with the same N."""
-    saved = work / "batch-ranks.json"
-    return json.loads(saved.read_text()) if saved.is_file() else None
-
-
-def _halve(work: Path, batch: dict | None, micro: int, accumulation: int, world: int, step: int | None,
-           error: str) -> dict:
-    if micro == 1:
-        raise StageFailure(f"train: out of memory at a per-rank micro-batch of 1 ({error}); lower format.max_length, "
-                           "turn on training.gradient_checkpointing, use training.strategy=fsdp or bigger GPUs")
-    new = {"per_device_batch_size": micro // 2 if micro % 2 == 0 else 1,
-           "gradient_accumulation_steps": accumulation * 2 if micro % 2 == 0 else accumulation * micro}
-    fallback = {"at_step": step, "from": {"per_device_batch_size": micro, "gradient_accumulation_steps": accumulation},
-                "to": dict(new), "world_size": world, "error": error[:300]}
-    batch = {**new, "world_size": world, "oom_fallbacks": (batch or {}).get("oom_fallbacks", []) + [fallback]}
-    write_json_atomic(work / "batch-ranks.json", batch)
-    return batch
-
-
-def rank_job(*, train: str, eval: str | None, tokenizer: str, model_path: str, model, quantization, lora, training,
-             max_length: int, work: str | Path, out: str | Path, device: str, report_to: str = "none",
-             run_name: str | None = None, publish: str | Path | None = None) -> dict:
-    """What every rank reads: the format stage's files, the base model's path, the config sections. No secret."""
-    dump = lambda section: section.model_dump(mode="json")  # noqa: E731
-    return {"train": str(train), "eval": str(eval) if eval else None, "tokenizer": str(tokenizer),
-            "model_path": str(model_path), "model": dump(model), "quantization": dump(quantization),
-            "lora": dump(lora), "training": dump(training), "max_length": max_length, "work": str(work),
-            "out": str(out), "device": device, "report_to": report_to, "run_name": run_name,
-            "publish": str(publish) if publish else None}
 
 
 # --------------------------------------------------------------------------------------------- the launcher
@@ -178,10 +161,8 @@ def _dump_stacks(work: Path) -> None:
     _signal_ranks(work, signal.SIGUSR1)
 
 
-def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: float, timeout_s: float | None,
-          stall_s: float | None) -> tuple[int, str | None, list[str]]:
-    """Stream the group's output into ``logger`` until it exits or the watchdog stops it. Returns (exit code,
-    the watchdog's reason or None, the last lines)."""
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    """The group's output, line by line, from a reader thread (None at its end)."""
     lines: queue.Queue = queue.Queue()
 
     def read():
@@ -190,8 +171,17 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
         lines.put(None)
 
     threading.Thread(target=read, daemon=True, name="rank-output").start()
+    return lines
+
+
+def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: float, timeout_s: float | None,
+          stall_s: float | None) -> tuple[int, str | None, list[str]]:
+    """Stream the group's output into ``logger`` until it exits or the watchdog stops it; pass a stop request of
+    this process on to the group (SIGTERM to torchrun, which sends it to every rank). Returns (exit code, the
+    watchdog's reason or None, the last lines)."""
+    lines = _lines(proc)
     tail: list[str] = []
-    reason = dump_until = None
+    reason = dump_until = asked = None
     while True:
         try:
             line = lines.get(timeout=1.0)
@@ -202,6 +192,10 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
         if line:
             _emit(logger, line)
             tail = (tail + [line])[-40:]
+        if asked is None and stop.requested():
+            asked = stop.requested()
+            logger.warning("train: %s: every rank saves a checkpoint at the end of its current step, then stops", asked)
+            _signal_group(proc, signal.SIGTERM)
         now = time.time()
         if timeout_s is not None and now - started > timeout_s:
             reason = f"the ranks did not finish within {timeout_s:.0f} s"
@@ -216,6 +210,13 @@ def _wait(proc: subprocess.Popen, logger: logging.Logger, work: Path, started: f
             _stop(proc, work)
             break
     return proc.wait(), reason, tail
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def explain(failures: dict, world: int, timeout_minutes: float) -> Exception:
@@ -266,94 +267,137 @@ def multinode_from_env() -> dict:
             "rdzv_id": os.environ["SFT_PIPELINE_RDZV_ID"], "publish": os.environ["SFT_PIPELINE_PUBLISH"]}
 
 
-def run_ranks(job: dict, nproc: int, logger: logging.Logger = log, *, nnodes: int | None = None,
+@dataclass(frozen=True)
+class _Group:
+    """How the ranks are started: processes per node, nodes, the rendezvous, limits, extra environment."""
+
+    nproc: int
+    nnodes: int
+    rdzv_endpoint: str | None
+    rdzv_id: str | None
+    timeout_s: float | None
+    stall_s: float
+    env: dict | None
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def run_ranks(job: TrainJob, nproc: int, logger: logging.Logger = log, *, nnodes: int | None = None,
               rdzv_endpoint: str | None = None, rdzv_id: str | None = None, timeout_s: float | None = None,
               stall_s: float | None = None, env: dict | None = None) -> dict:
     """Train with ``nproc`` processes per node (``nnodes`` nodes); resume from the last sealed checkpoint in
-    ``job["work"]``; return the training metrics rank 0 wrote into ``job["out"]``.
+    ``job.work``; return the training metrics rank 0 wrote into ``job.out``. Out of memory in a rank restarts
+    the group at half the per-rank micro-batch (``fallback.until_done``, as one process does); a stop requested in
+    this process (``stop.request``) stops every rank at one step after its checkpoint: ``TrainingInterrupted``.
 
-    ``job``: what ``rank_train`` reads (paths and config sections; no secret: the HF token goes by ``env``
-    under ``TOKEN_ENV``). ``stall_s`` defaults to the collective timeout plus 10 minutes. ``nnodes`` None: from
-    the environment (``multinode_from_env``), one node unless the multi-node job template says otherwise.
+    ``job``: what ``rank_train`` reads (no secret: the HF token goes by ``env`` under ``TOKEN_ENV``). ``stall_s``
+    defaults to the collective timeout plus 10 minutes. ``nnodes`` None: from the environment
+    (``multinode_from_env``), one node unless the multi-node job template says otherwise.
     """
-    from sft_pipeline.trainer import last_checkpoint
-
     if nnodes is None:
         multi = multinode_from_env()
         nnodes = multi["nnodes"]
         rdzv_endpoint, rdzv_id = multi.get("rdzv_endpoint", rdzv_endpoint), multi.get("rdzv_id", rdzv_id)
-        job = {**job, "publish": multi.get("publish", job.get("publish"))}
+        job = replace(job, publish=multi.get("publish", job.publish))
+    Path(job.work).mkdir(parents=True, exist_ok=True)
+    timeout_min = job.training.collective_timeout_minutes
+    group = _Group(nproc, nnodes, rdzv_endpoint, rdzv_id, timeout_s,
+                   stall_s if stall_s is not None else timeout_min * 60 + 600, env)
+    attempts = itertools.count(1)
+    return fallback.until_done(lambda batch: _attempt(job, batch, next(attempts), group, logger), job.work,
+                               group.world, logger)
 
-    work, out = Path(job["work"]), Path(job["out"])
-    work.mkdir(parents=True, exist_ok=True)
-    world = nproc * nnodes
-    training = job["training"]
-    timeout_min = training.get("collective_timeout_minutes", 30)
-    stall_s = stall_s if stall_s is not None else timeout_min * 60 + 600
-    batch = _rank_batch(work)
-    if batch and batch.get("world_size") != world:
-        batch = None  # a fallback made for another number of processes: plan afresh
-    attempt = 0
-    while True:
-        attempt += 1
-        resume = last_checkpoint(work)
-        before = checkpoint_world_size(resume)
-        if resume and before != world:
-            if training.get("strategy") == "fsdp":
-                raise StageFailure(f"train: {Path(resume).name} holds FSDP shards of {before} process(es); resume it "
-                                   f"with training.num_processes={before} (or delete {work} to start over)")
-            logger.warning("train: resuming from %s, written by %d process(es), with %d now: the data order from here "
-                           "on differs from an uninterrupted run (same effective batch and optimizer state)",
-                           Path(resume).name, before, world)
-        elif resume:
-            logger.info("train: resuming from %s", Path(resume).name)
-        job_file = work / "rank-job.json"
-        write_json_atomic(job_file, {**job, "resume": resume, "world_size": world, "attempt": attempt,
-                               "batch": {k: batch[k] for k in ("per_device_batch_size", "gradient_accumulation_steps")}
-                               if batch else None, "oom_fallbacks": (batch or {}).get("oom_fallbacks", [])})
-        if job.get("publish"):  # the other nodes' `launch node` wait for this file, then join the rendezvous
-            Path(job["publish"]).parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(job["publish"]), {"job": str(job_file), "attempt": attempt, "nproc": nproc,
-                                               "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id})
-        failures = work / f"failures-{attempt}.json"
-        failures.unlink(missing_ok=True)
-        rid = f"{rdzv_id}-{attempt}" if rdzv_id else None
-        targs = torchrun_args(job_file, nproc, work / "torchrun-logs", nnodes, rdzv_endpoint, rid, is_host=True)
-        logger.info("train: launching %d process(es)%s with torchrun (%s)", world,
-                    f" on {nnodes} nodes" if nnodes > 1 else "", training.get("strategy", "ddp"))
-        started = time.time()
-        proc = _spawn(targs, failures, env, nproc)
-        try:
-            code, reason, tail = _wait(proc, logger, work, started, timeout_s, stall_s)
-        finally:
-            _stop(proc, work)  # whatever happened, no rank of this group survives
-        if code == 0 and reason is None and (out / "train_metrics.json").is_file():
-            return json.loads((out / "train_metrics.json").read_text())
-        if reason:
-            raise RankLost(f"train: {reason} ({world} processes); the group was stopped")
-        if not failures.is_file():
-            last = next((ln for ln in reversed(tail) if ln.strip()), "")
-            raise RankLost(f"train: the launcher exited with code {code} and no rank failure recorded: {last[:300]}")
-        exc = explain(json.loads(failures.read_text()), world, timeout_min)
-        if not is_oom(exc):
-            raise exc
-        plan = json.loads((work / "rank-plan.json").read_text()) if (work / "rank-plan.json").is_file() else {}
-        micro = plan.get("per_device_batch_size", 1)
-        batch = _halve(work, batch, micro, plan.get("gradient_accumulation_steps", 1), world, None, str(exc))
-        logger.warning("train: %s; restarting all ranks from the last checkpoint at micro-batch %d x accumulation %d "
-                       "per rank (same effective batch)", exc, batch["per_device_batch_size"],
-                       batch["gradient_accumulation_steps"])
+
+def _resume(job: TrainJob, world: int, logger: logging.Logger) -> str | None:
+    """The last sealed checkpoint, and whether this number of processes can resume it."""
+    work = Path(job.work)
+    resume = last_checkpoint(work)
+    before = checkpoint_world_size(resume)
+    if resume and before != world:
+        if job.training.strategy == "fsdp":
+            raise StageFailure(f"train: {Path(resume).name} holds FSDP shards of {before} process(es); resume it "
+                               f"with training.num_processes={before} (or delete {work} to start over)")
+        logger.warning("train: resuming from %s, written by %d process(es), with %d now: the data order from here "
+                       "on differs from an uninterrupted run (same effective batch and optimizer state)",
+                       Path(resume).name, before, world)
+    elif resume:
+        logger.info("train: resuming from %s", Path(resume).name)
+    return resume
+
+
+def _attempt(job: TrainJob, batch: dict | None, attempt: int, group: _Group, logger: logging.Logger) -> dict:
+    """One torchrun group, from the last sealed checkpoint to its end; returns rank 0's metrics."""
+    if stop.requested():
+        resume = last_checkpoint(job.work)
+        raise TrainingInterrupted(_step(resume), resume, stop.requested())
+    work, world = Path(job.work), group.world
+    resume = _resume(job, world, logger)
+    job_file = work / "rank-job.json"
+    write_json_atomic(job_file, {"job": job.to_json(), "resume": resume, "batch": batch, "attempt": attempt,
+                                 "world_size": world})
+    if job.publish:  # the other nodes' `launch node` wait for this file, then join the rendezvous
+        Path(job.publish).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(job.publish), {"job": str(job_file), "attempt": attempt, "nproc": group.nproc,
+                                              "nnodes": group.nnodes, "rdzv_endpoint": group.rdzv_endpoint,
+                                              "rdzv_id": group.rdzv_id})
+    failures = work / f"failures-{attempt}.json"
+    for stale in (failures, work / OOM_FILE, work / INTERRUPTED_FILE):
+        stale.unlink(missing_ok=True)
+    rid = f"{group.rdzv_id}-{attempt}" if group.rdzv_id else None
+    targs = torchrun_args(job_file, group.nproc, work / "torchrun-logs", group.nnodes, group.rdzv_endpoint, rid,
+                          is_host=True)
+    logger.info("train: launching %d process(es)%s with torchrun (%s)", world,
+                f" on {group.nnodes} nodes" if group.nnodes > 1 else "", job.training.strategy)
+    started = time.time()
+    proc = _spawn(targs, failures, group.env, group.nproc)
+    try:
+        code, reason, tail = _wait(proc, logger, work, started, group.timeout_s, group.stall_s)
+    finally:
+        _stop(proc, work)  # whatever happened, no rank of this group survives
+    return _outcome(job, code, reason, tail, failures, world)
+
+
+def _outcome(job: TrainJob, code: int, reason: str | None, tail: list[str], failures: Path, world: int) -> dict:
+    """Rank 0's metrics, or what ended the group as one exception: TrainingInterrupted (a stop, rank 0 says where),
+    RankLost (the watchdog, a killed or lost rank), fallback.OutOfMemory (a rank in training), or the rank's error."""
+    work, done = Path(job.work), Path(job.out) / "train_metrics.json"
+    stopped = work / INTERRUPTED_FILE
+    if code == 0 and reason is None and done.is_file() and not stopped.is_file():
+        return json.loads(done.read_text())
+    if stopped.is_file() or stop.requested():
+        where = json.loads(stopped.read_text()) if stopped.is_file() else {}
+        resume = where.get("checkpoint") or last_checkpoint(work)  # no rank got to say: the last sealed one
+        raise TrainingInterrupted(where.get("step", _step(resume)), resume, where.get("reason") or stop.requested())
+    if reason:
+        raise RankLost(f"train: {reason} ({world} processes); the group was stopped")
+    if not failures.is_file():
+        last = next((ln for ln in reversed(tail) if ln.strip()), "")
+        raise RankLost(f"train: the launcher exited with code {code} and no rank failure recorded: {last[:300]}")
+    exc = explain(json.loads(failures.read_text()), world, job.training.collective_timeout_minutes)
+    if not is_oom(exc) or not (work / OOM_FILE).is_file():  # out of memory outside training: retried like others
+        raise exc
+    oom = json.loads((work / OOM_FILE).read_text())
+    raise fallback.OutOfMemory(oom["at_step"], oom["plan"], str(exc))
+
+
+def _step(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
 
 
 # --------------------------------------------------------------------------------------------- command line
 def _torchrun_main(failures: str, targs: list[str]) -> int:
     """torchrun itself (``torch.distributed.run``), with its ChildFailedError kept as JSON for ``explain``."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         torchrun.run(torchrun.parse_args(targs))
         return 0
+    except SignalException as e:  # stopped (a stop request passed on as SIGTERM): it stopped its ranks first
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         record = {}
         for rank, f in e.failures.items():

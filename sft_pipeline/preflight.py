@@ -175,7 +175,7 @@ def _bf16_supported() -> bool:
 def gpu_need_bytes(cfg: PipelineConfig, mc) -> int:
     """The least a training step needs: the weights (4-bit: ~0.56 bytes a parameter with its scales, else 2) and
     one sequence of format.max_length tokens with activation checkpointing, plus its fp32 logits."""
-    from sft_pipeline.trainer import ACT_BYTES_CKPT  # activation bytes per token x hidden unit x layer, measured
+    from sft_pipeline.training.batch import ACT_BYTES_CKPT  # activation bytes per token x hidden unit x layer
 
     params = parameter_count(mc)
     weights = params * (0.56 if cfg.quantization.load_in_4bit else 2)

@@ -1,10 +1,12 @@
 """One rank of a data-parallel training: ``python -m sft_pipeline.rank_train JOB.json``, started by torchrun.
 
-``sft_pipeline.launch.run_ranks`` writes the job (paths and config sections, no secret) and starts torchrun; every
-rank loads its own 4-bit model on its GPU (``device_map={"": local_rank}``), reads the format stage's token ids
-(no rank tokenizes), and trains with ``build_trainer`` (DDP, or FSDP with ``training.strategy=fsdp``); Trainer
-shards the batches. Rank 0 writes the adapter and metrics into ``job["out"]``. ``@record`` writes a failing
-rank's error and traceback where torchrun finds it; ``launch.explain`` turns it into one line.
+``sft_pipeline.launch.run_ranks`` writes the attempt (the ``TrainJob``: paths and config sections, no secret; the
+checkpoint to resume from; an out-of-memory fallback's batch) and starts torchrun; every rank loads its own 4-bit
+model on its GPU (``device_map={"": local_rank}``), reads the format stage's token ids (no rank tokenizes), and
+trains with ``training.run.train``, the function one process runs too (DDP, or FSDP with
+``training.strategy=fsdp``); Trainer shards the batches. Rank 0 writes the adapter and metrics into ``job.out``.
+``@record`` writes a failing rank's error and traceback where torchrun finds it; ``launch.explain`` turns it into
+one line. SIGTERM (torchrun passes a stop on so) stops every rank at one step after its checkpoint: exit code 143.
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from sft_pipeline.launch import HEARTBEATS, TOKEN_ENV
-from sft_pipeline.parallel import parallel_args
+from sft_pipeline.errors import TrainingInterrupted
+from sft_pipeline.launch import HEARTBEATS, INTERRUPTED_EXIT, INTERRUPTED_FILE, OOM_FILE, TOKEN_ENV
+from sft_pipeline.store import write_json_atomic
+from sft_pipeline.training import stop
+from sft_pipeline.training.fallback import OutOfMemory
+from sft_pipeline.training.job import Rank, TrainJob, load_data
 
 log = logging.getLogger("sft_pipeline.rank_train")
 
@@ -60,9 +66,9 @@ def _heartbeat_callback(work: Path, rank: int):
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(argv[0]).read_text())
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    spec = json.loads(Path(argv[0]).read_text())
+    rank = Rank.from_env()
+    stop.install_sigterm()  # first: a SIGTERM from now on asks for a checkpoint instead of ending the rank
     # one format for every rank; the launcher adds "[rank k] " and maps the level to the caller's logger
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True, format="%(levelname)s %(name)s: %(message)s")
     _watch_parent()
@@ -70,51 +76,41 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if every := float(os.environ.get("SFT_PIPELINE_STACKS_EVERY", 0)):  # debugging a hang: stacks every N s
         faulthandler.dump_traceback_later(every, repeat=True)
-    work, out = Path(job["work"]), Path(job["out"])
+    job = TrainJob.from_json(spec["job"])
+    _set_up_device(job, rank)
+    data = load_data(job)
+    log.info("rank %d of %d (local %d) on %s: %d training rows", rank.rank, rank.world, rank.local_rank, job.device,
+             len(data.train))
+    from sft_pipeline.training import run
 
-    import datasets
+    try:
+        trainer, metrics = run.train(job, data, rank=rank, batch=spec.get("batch"), resume=spec.get("resume"),
+                                     callbacks=[_heartbeat_callback(Path(job.work), rank.rank)],
+                                     token=os.environ.get(TOKEN_ENV) or None)
+    except OutOfMemory as oom:  # what the launcher halves: the step and the plan this group ran out of memory with
+        write_json_atomic(Path(job.work) / OOM_FILE, {"at_step": oom.step, "plan": oom.plan, "error": oom.error})
+        raise
+    except TrainingInterrupted as stopped:
+        if rank.rank == 0:
+            write_json_atomic(Path(job.work) / INTERRUPTED_FILE, {"step": stopped.step, "checkpoint": stopped.checkpoint,
+                                                                  "reason": stopped.reason})
+        log.warning("%s", stopped)
+        sys.exit(INTERRUPTED_EXIT)
+    run.save_ranks(trainer, metrics, Path(job.out), rank)
+
+
+def _set_up_device(job: TrainJob, rank: Rank) -> None:
     import torch
-    from transformers import AutoTokenizer
 
-    from sft_pipeline.config import LoraSection, ModelConfig, QuantizationConfig, TrainingConfig
-    from sft_pipeline.trainer import build_trainer, save_trained
-
-    model, quantization = ModelConfig(**job["model"]), QuantizationConfig(**job["quantization"])
-    lora, training = LoraSection(**job["lora"]), TrainingConfig(**job["training"])
-    device = job["device"]
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    if world > 1:
+    if job.device == "cuda":
+        torch.cuda.set_device(rank.local_rank)
+    if rank.world > 1:
         # Dynamo's DDP optimizer splits compiled graphs at DDP's bucket boundaries: it is for compiling the whole
         # wrapped model. Here only flex attention's mask and kernels are compiled inside DDP's forward, and with it
-        # the first step compiled for minutes (both ranks in Triton, measured on 2 H200s); without it, as on one GPU.
+        # the first step compiled for minutes (BENCHMARKS.md, "Issue 30: measurements moved out of the code")
         import torch._dynamo
 
         torch._dynamo.config.optimize_ddp = False
-    tok = AutoTokenizer.from_pretrained(job["tokenizer"])
-    train_ds = datasets.Dataset.from_parquet(job["train"])
-    eval_ds = datasets.Dataset.from_parquet(job["eval"]) if job.get("eval") else None
-    log.info("rank %d of %d (local %d) on %s: %d training rows", rank, world, local_rank, device, len(train_ds))
-    trainer, metrics = build_trainer(
-        train_ds, eval_ds, tok, job["model_path"], model, quantization, lora, training, job["max_length"], str(work),
-        device, os.environ.get(TOKEN_ENV) or None, job.get("report_to", "none"), job.get("run_name"),
-        extra_callbacks=[_heartbeat_callback(work, rank)], batch=job.get("batch"), speed=job.get("speed"),
-        world_size=world, local_rank=local_rank,
-        parallel=parallel_args(training.strategy, training.collective_timeout_minutes, world, device))
-    if rank == 0:  # what an out-of-memory restart halves
-        (work / "rank-plan.json").write_text(json.dumps(metrics["batch_plan"]))
-    result = trainer.train(resume_from_checkpoint=job.get("resume"))
-    metrics.update(result.metrics)
-    metrics.update({"resumed_from_step": metrics.get("start_step", 0), "oom_fallbacks": job.get("oom_fallbacks", []),
-                    "world_size": world, "strategy": training.strategy,
-                    **{k: metrics["batch_plan"][k] for k in ("per_device_batch_size", "gradient_accumulation_steps",
-                                                             "effective_batch")}})
-    if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file (peft's FSDP-QLoRA recipe)
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out / "adapter"))  # every rank: FSDP gathers; only rank 0 writes
-    if rank == 0:
-        save_trained(trainer, metrics, out, save_model=False)
-    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -7,18 +7,31 @@ the stage's work dir (``<store>/.work/train/<key>``) every ``training.save_steps
 ``training.save_minutes`` minutes, keeping the last ``training.save_total_limit``; a rerun after a crash resumes from
 the last complete one (optimizer, scheduler, RNG and data order restored; a checkpoint cut short by a kill is
 skipped). CUDA out of memory: training restarts from the last checkpoint at half the micro-batch with twice the
-gradient accumulation (same effective batch). The machinery is ``sft_pipeline/trainer.py``; this file is the stage.
-W&B logs when ``tracking.backend: wandb`` (offline without a key).
+gradient accumulation (same effective batch). A stop requested (``sft_pipeline.training.stop``, SIGTERM) saves a
+checkpoint at the current step and raises ``TrainingInterrupted``: no artifact. W&B logs when
+``tracking.backend: wandb`` (offline without a key).
+
+The machinery is ``sft_pipeline/training/``; this file is the stage: it builds the ``TrainJob`` once and runs it in
+this process or in several (``training.num_processes``; the same training function in each rank).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from dataclasses import replace
 
 from sft_pipeline.stage import StageContext
 
-VERSION = "2"
+VERSION = "2"  # bump for a change the code hash below cannot see
+# The code this stage runs, hashed into its key without comments and docstrings (``sft_pipeline.source_hash``):
+# editing code here retrains, editing a comment re-runs nothing. Left out: the launcher's process handling
+# (``launch``), what the log, the progress bar and the curve files show (``progress``, ``report``, ``health``),
+# and the config (its values are in the key).
+CODE = ("tasks/train.py", "sft_pipeline/training", "sft_pipeline/rank_train.py", "sft_pipeline/parallel.py",
+        "sft_pipeline/varlen.py", "sft_pipeline/base_weights.py",
+        "sft_pipeline/models.py:compute_dtype,attn_implementation,flash_attn_2_installed,attn_label,bnb_config,"
+        "load_model,hub_kwargs")
 
 
 @contextlib.contextmanager
@@ -61,58 +74,63 @@ def _wandb_links(run, png: bytes) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    import datasets
-    from transformers import AutoTokenizer
-
-    from sft_pipeline import health, report
-    from sft_pipeline.plan import planned_tokens
-    from sft_pipeline.progress import Progress
-    from sft_pipeline.trainer import save_trained, train_until_done
-
-    cfg, chats = ctx.cfg, ctx.upstream["format"]
-    tok = AutoTokenizer.from_pretrained(str(chats.file("tokenizer")))
-    train_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.train_split}.parquet")))
-    eval_ds = datasets.Dataset.from_parquet(str(chats.file(f"{cfg.data.test_split}.parquet"))) \
-        if cfg.training.eval_strategy != "no" else None
     from sft_pipeline.launch import multinode_from_env
     from sft_pipeline.parallel import resolve_num_processes
 
-    nproc = resolve_num_processes(cfg.training.num_processes, ctx.device, cfg.training.effective_batch, ctx.log)
+    job = train_job(ctx)
+    nproc = resolve_num_processes(job.training.num_processes, job.device, job.training.effective_batch, ctx.log)
     if nproc > 1 or multinode_from_env()["nnodes"] > 1:
-        return _run_ranks(ctx, nproc)
-    tokens = planned_tokens(cfg.training, chats.file(f"{cfg.data.train_split}.parquet"))
-    progress = Progress(ctx.log, total_tokens=tokens)  # a line per logging step + the UI's progress bar
+        return _train_ranks(ctx, job, nproc)
+    return _train_here(ctx, job)
+
+
+def train_job(ctx: StageContext):
+    """Everything this training needs: the format stage's files, the base model, the config sections."""
+    from sft_pipeline.training.job import TrainJob
+
+    cfg, chats = ctx.cfg, ctx.upstream["format"]
+    return TrainJob.from_config(
+        cfg, train=chats.file(f"{cfg.data.train_split}.parquet"),
+        eval=chats.file(f"{cfg.data.test_split}.parquet") if cfg.training.eval_strategy != "no" else None,
+        tokenizer=chats.file("tokenizer"), model_path=ctx.base_model(), work=ctx.work, out=ctx.out,
+        device=ctx.device, run_name=cfg.tracking.run_name or f"sft-{ctx.key[:8]}")
+
+
+def _train_here(ctx: StageContext, job) -> dict:
+    """One process: this one (its W&B run, the progress lines and the UI's progress bar)."""
+    from sft_pipeline import report
+    from sft_pipeline.progress import Progress
+    from sft_pipeline.tokens import planned_tokens
+    from sft_pipeline.training.run import save_trained, train_until_done
+
+    progress = Progress(ctx.log, total_tokens=planned_tokens(job.training, job.train))
     with _wandb_run(ctx) as (report_to, wandb_run):
-        trainer, metrics = train_until_done(
-            train_ds, eval_ds, tok, ctx.base_model(), cfg.model, cfg.quantization, cfg.lora, cfg.training,
-            cfg.format.max_length, ctx.work, ctx.device, ctx.hf_token, report_to,
-            cfg.tracking.run_name or f"sft-{ctx.key[:8]}", logger=ctx.log, extra_callbacks=[progress])
+        trainer, metrics = train_until_done(replace(job, report_to=report_to), callbacks=[progress],
+                                            token=ctx.hf_token, logger=ctx.log)
         history = trainer.state.log_history
         png = report.loss_png(history)
         if wandb_run is not None:
             metrics["wandb"] = _wandb_links(wandb_run, png)
     save_trained(trainer, metrics, ctx.out)
-    (ctx.out / "loss.png").write_bytes(png)
-    (ctx.out / "health.json").write_text(json.dumps(health.check(history), indent=2))  # the flow adds eval
+    _curve_files(ctx.out, history, png)
     return metrics
 
 
-def _run_ranks(ctx: StageContext, nproc: int) -> dict:
-    """Several processes (``training.num_processes``): torchrun starts them (``sft_pipeline/launch.py``); each reads
-    only the format stage's files; rank 0 writes the adapter, the log history and the metrics into ``ctx.out``."""
-    from sft_pipeline import health, report
-    from sft_pipeline.launch import TOKEN_ENV, rank_job, run_ranks
+def _train_ranks(ctx: StageContext, job, nproc: int) -> dict:
+    """Several processes (``training.num_processes``): torchrun starts them (``sft_pipeline/launch.py``); rank 0
+    writes the adapter, the log history and the metrics into ``ctx.out``."""
+    from sft_pipeline import report
+    from sft_pipeline.launch import TOKEN_ENV, run_ranks
 
-    cfg, chats = ctx.cfg, ctx.upstream["format"]
-    job = rank_job(train=chats.file(f"{cfg.data.train_split}.parquet"),
-                   eval=chats.file(f"{cfg.data.test_split}.parquet") if cfg.training.eval_strategy != "no" else None,
-                   tokenizer=chats.file("tokenizer"), model_path=ctx.base_model(), model=cfg.model,
-                   quantization=cfg.quantization, lora=cfg.lora, training=cfg.training,
-                   max_length=cfg.format.max_length, work=ctx.work, out=ctx.out, device=ctx.device,
-                   run_name=cfg.tracking.run_name or f"sft-{ctx.key[:8]}")
     token = ctx.hf_token
     metrics = run_ranks(job, nproc, ctx.log, env={TOKEN_ENV: token} if token else None)
     history = json.loads((ctx.out / "log_history.json").read_text())
-    (ctx.out / "loss.png").write_bytes(report.loss_png(history))
-    (ctx.out / "health.json").write_text(json.dumps(health.check(history), indent=2))
+    _curve_files(ctx.out, history, report.loss_png(history))
     return metrics
+
+
+def _curve_files(out, history: list[dict], png: bytes) -> None:
+    from sft_pipeline import health
+
+    (out / "loss.png").write_bytes(png)
+    (out / "health.json").write_text(json.dumps(health.check(history), indent=2))  # the flow adds eval

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sft_pipeline import base_weights
-from sft_pipeline.trainer import choose_batch
+from sft_pipeline.training.batch import choose_batch
 from tests.conftest import tiny_trainer_inputs
 
 GIB = 2**30
@@ -75,6 +75,6 @@ FIXED, PER_ROW, EXTRA = 4.4 * GIB, 7.3 * GIB, 9.6 * GIB
                                                     (40, 4, False)])
 def test_the_micro_batch_comes_first_then_the_dequantized_weights(card_gib, micro, keeps):
     plan = choose_batch(16, int(card_gib * GIB), int(FIXED), int(PER_ROW), 32)
-    assert plan["per_device_batch_size"] == micro and not plan["gradient_checkpointing"]
+    assert plan.per_device_batch_size == micro and not plan.gradient_checkpointing
     assert base_weights.room_for(plan, int(EXTRA)) is keeps
     assert not base_weights.room_for(plan, 0)  # no 4-bit layers: nothing to keep

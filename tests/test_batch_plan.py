@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft_pipeline.trainer import MARGIN_MIN, choose_batch
+from sft_pipeline.training.batch import MARGIN_MIN, choose_batch
 
 GIB = 2**30
 
@@ -11,32 +11,32 @@ GIB = 2**30
 def test_largest_micro_batch_that_fits_without_checkpointing():
     # an 80 GiB card alone: 4 rows need 5 + 4 x 9 = 41 GiB, 8 rows 77 GiB > 90 % of 79: micro 4 x accumulation 4
     plan = choose_batch(16, 79 * GIB, 5 * GIB, 9 * GIB, 32)
-    assert (plan["per_device_batch_size"], plan["gradient_accumulation_steps"]) == (4, 4)
-    assert plan["gradient_checkpointing"] is False and plan["checkpointed_layers"] == 0
+    assert (plan.per_device_batch_size, plan.gradient_accumulation_steps) == (4, 4)
+    assert plan.gradient_checkpointing is False and plan.checkpointed_layers == 0
 
 
 def test_another_process_holding_30_gib_keeps_the_same_plan():
     # the case: 49 GiB left to us; the old per-token estimate picked micro-batch 2 here
-    assert choose_batch(16, 49 * GIB, 5 * GIB, 9 * GIB, 32)["per_device_batch_size"] == 4
+    assert choose_batch(16, 49 * GIB, 5 * GIB, 9 * GIB, 32).per_device_batch_size == 4
 
 
 def test_degrades_to_smaller_micro_batches_then_selective_checkpointing():
-    micro = [choose_batch(16, a * GIB, 5 * GIB, 9 * GIB, 32)["per_device_batch_size"] for a in (79, 40, 27, 18)]
+    micro = [choose_batch(16, a * GIB, 5 * GIB, 9 * GIB, 32).per_device_batch_size for a in (79, 40, 27, 18)]
     assert micro == [4, 2, 2, 1]
     some = choose_batch(16, 15 * GIB, 5 * GIB, 9 * GIB, 32)  # 1 row needs 14 GiB, usable 13 GiB
-    assert some["per_device_batch_size"] == 1 and some["gradient_checkpointing"]
-    assert 0 < some["checkpointed_layers"] < 32
-    fewer = choose_batch(16, 14 * GIB, 5 * GIB, 9 * GIB, 32)["checkpointed_layers"]
-    assert fewer > some["checkpointed_layers"]  # less memory, more layers checkpointed
-    assert choose_batch(16, 6 * GIB, 5 * GIB, 9 * GIB, 32)["checkpointed_layers"] == 32  # nothing fits: all
+    assert some.per_device_batch_size == 1 and some.gradient_checkpointing
+    assert 0 < some.checkpointed_layers < 32
+    fewer = choose_batch(16, 14 * GIB, 5 * GIB, 9 * GIB, 32).checkpointed_layers
+    assert fewer > some.checkpointed_layers  # less memory, more layers checkpointed
+    assert choose_batch(16, 6 * GIB, 5 * GIB, 9 * GIB, 32).checkpointed_layers == 32  # nothing fits: all
 
 
 def test_micro_batch_divides_the_effective_batch_and_respects_the_cap():
-    assert choose_batch(12, 200 * GIB, GIB, GIB, 32)["per_device_batch_size"] == 6  # 8 does not divide 12
-    assert choose_batch(16, 200 * GIB, GIB, GIB, 32, cap=4)["per_device_batch_size"] == 4
+    assert choose_batch(12, 200 * GIB, GIB, GIB, 32).per_device_batch_size == 6  # 8 does not divide 12
+    assert choose_batch(16, 200 * GIB, GIB, GIB, 32, cap=4).per_device_batch_size == 4
     # the margin: at least 2 GiB even on a small card (5 GiB there, 1 GiB fixed: a row may need 2 GiB, no more)
-    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB, 32)["gradient_checkpointing"] is False
-    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB + 1, 32)["gradient_checkpointing"] is True
+    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB, 32).gradient_checkpointing is False
+    assert choose_batch(1, 5 * GIB, GIB, 5 * GIB - MARGIN_MIN - GIB + 1, 32).gradient_checkpointing is True
 
 
 def test_lean_head_gives_trls_loss(tmp_path):
@@ -47,7 +47,8 @@ def test_lean_head_gives_trls_loss(tmp_path):
 
     from sft_pipeline.config import load_config
     from sft_pipeline.models import build_tokenizer
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     torch.manual_seed(0)
     MistralForCausalLM(MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -57,9 +58,9 @@ def test_lean_head_gives_trls_loss(tmp_path):
     cfg = load_config("tiny", ["training.packing=true", "training.max_steps=1", "quantization.load_in_4bit=false"])
     losses = {}
     for head in ("trl", "lean"):
-        trainer, metrics = build_trainer(ds, None, build_tokenizer(), str(tmp_path / "m"), cfg.model,
-                                         cfg.quantization, cfg.lora, cfg.training, 64, str(tmp_path / head), "cpu",
-                                         speed={"head": head})
+        job = TrainJob.from_config(cfg, model_path=str(tmp_path / "m"), work=str(tmp_path / head), device="cpu",
+                                   max_length=64, speed={"head": head})
+        trainer, metrics = build_trainer(job, TrainData(ds, None, build_tokenizer()))
         assert metrics["head"] == head
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.model.train()
@@ -77,7 +78,7 @@ def test_mask_warm_up_leaves_flex_attention_compiled_for_any_length():
     from torch._dynamo.utils import counters
     from transformers import MistralConfig, MistralForCausalLM
 
-    from sft_pipeline.trainer import _warm_masks
+    from sft_pipeline.training.cuda import warm_masks as _warm_masks
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -119,7 +120,7 @@ def _allocator_calls(monkeypatch, cuda_started: bool) -> list[str]:
 def test_growable_memory_segments_even_when_cuda_started_before_training(monkeypatch, cuda_started):
     # the seed's job on an H200: the flow's preflight (or a model built on the GPU) had started CUDA before the train
     # stage set the variable, and the allocator reserved 132 GB for a 63.5 GiB peak; the running allocator is told too
-    from sft_pipeline.trainer import ALLOC_CONF, expandable_segments
+    from sft_pipeline.training.cuda import ALLOC_CONF, expandable_segments
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     calls = _allocator_calls(monkeypatch, cuda_started)
@@ -132,7 +133,7 @@ def test_growable_memory_segments_even_when_cuda_started_before_training(monkeyp
 
 def test_the_users_allocator_setting_is_kept(monkeypatch):
     from sft_pipeline import cli
-    from sft_pipeline.trainer import expandable_segments
+    from sft_pipeline.training.cuda import expandable_segments
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     calls = _allocator_calls(monkeypatch, True)
@@ -158,7 +159,7 @@ def test_the_cli_sets_it_before_anything_starts_cuda(monkeypatch):
 def test_an_allocator_that_refuses_the_setting_is_warned_about_not_fatal(monkeypatch):
     import torch
 
-    from sft_pipeline.trainer import expandable_segments
+    from sft_pipeline.training.cuda import expandable_segments
     from tests.conftest import capture_log
 
     def refuse(conf):

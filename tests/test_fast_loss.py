@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from sft_pipeline.trainer import _fast_loss
+from sft_pipeline.training.loss import fast_loss as _fast_loss
 
 
 class _Reference(torch.nn.Module):
@@ -130,7 +130,7 @@ def test_liger_is_kept_on_its_triton_kernels(monkeypatch, env):
     """Liger >= 0.8.5 prefers its CuTe DSL kernels wherever NVIDIA's CUTLASS DSL imports (flash-attention 4 installs
     it): 42 % slower on an H200 (BENCHMARKS.md). The train stage pins the Triton kernels it measured, unless the user
     chose (their environment variable is kept), and does nothing on a Liger without the choice."""
-    from sft_pipeline.trainer import LIGER_IMPL, pin_liger_triton
+    from sft_pipeline.training.cuda import LIGER_IMPL, pin_liger_triton
 
     pinned = {"impl": None}
     backends = types.ModuleType("liger_kernel.backends")

@@ -166,7 +166,8 @@ def test_training_labels_keep_each_turns_im_end(converted, tmp_path):
     from transformers import DataCollatorForLanguageModeling
 
     from sft_pipeline.models import load_tokenizer
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     _, _, path, _ = converted
     # QLoRA as on a GPU: the dequantized directory loads as nf4 (the recipe trains in float32 on a CPU for speed)
@@ -176,8 +177,8 @@ def test_training_labels_keep_each_turns_im_end(converted, tmp_path):
     chats = [CHAT, CHAT[1:3], CHAT[3:], [CHAT[1], {"role": "assistant", "content": "Blue."}]]  # unequal lengths
     out = tok.apply_chat_template(chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ds = datasets.Dataset.from_dict({"input_ids": out["input_ids"], "assistant_masks": out["assistant_masks"]})
-    trainer, _ = build_trainer(ds, None, tok, str(path), cfg.model, cfg.quantization, cfg.lora, cfg.training,
-                               cfg.format.max_length, str(tmp_path), "cpu")
+    job = TrainJob.from_config(cfg, model_path=str(path), work=str(tmp_path), device="cpu")
+    trainer, _ = build_trainer(job, TrainData(ds, None, tok))
     assert getattr(trainer.model.config, "quantization_config", None) is not None  # nf4
     batch = next(iter(trainer.get_train_dataloader()))
     end = tok.convert_tokens_to_ids("<|im_end|>")

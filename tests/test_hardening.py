@@ -36,7 +36,7 @@ from sft_pipeline.config import DataConfig, load_config
 from sft_pipeline.errors import ConfigError, StageFailure
 from sft_pipeline.secrets import wandb_mode
 from sft_pipeline.store import STORE_MARKER, Store
-from sft_pipeline.trainer import SEALED, last_checkpoint, seal_checkpoint
+from sft_pipeline.training.checkpoints import SEALED, last_checkpoint, seal_checkpoint
 from tests.conftest import ROOT
 from tests.test_bad_inputs import snapshot, write_jsonl
 

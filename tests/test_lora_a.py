@@ -1,4 +1,4 @@
-"""The A matrices of the adapters that read one input as one GEMM (``speed`` lora_a: fused, ``trainer._fuse_lora_a``),
+"""The A matrices of the adapters that read one input as one GEMM (``speed`` lora_a: fused, ``training.lora.fuse_lora_a``),
 on CPU: the same loss and gradients as one GEMM per adapter with the same (shared) dropout mask."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from sft_pipeline.trainer import _fuse_lora_a, _fuse_lora_add, _share_dropout
+from sft_pipeline.training.lora import fuse_lora_a as _fuse_lora_a, fuse_lora_add as _fuse_lora_add, \
+    share_dropout as _share_dropout
 from tests.conftest import tiny_trainer_inputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
@@ -86,16 +87,17 @@ def test_evaluation_disabled_and_merged_adapters():
 def test_the_train_stage_fuses_when_asked_and_trains_the_same(tiny_run, tmp_path):
     """Through build_trainer on the tiny recipe's 4-bit base, with dropout: two steps, the same losses."""
     from sft_pipeline.config import load_config
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     cfg = load_config("tiny", ["training.max_steps=2", "training.logging_steps=1", "training.save_steps=100",
                                "lora.dropout=0.2"])
     ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=16)
     losses = {}
     for lora_a in ("per-module", "fused"):
-        trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
-                                         cfg.training, cfg.format.max_length, str(tmp_path / lora_a), "cpu",
-                                         speed={"lora_a": lora_a})
+        job = TrainJob.from_config(cfg, model_path=str(model_dir), work=str(tmp_path / lora_a), device="cpu",
+                                   speed={"lora_a": lora_a})
+        trainer, metrics = build_trainer(job, TrainData(ds, None, tok))
         assert (metrics.get("fused_lora_a_modules", 0) > 0) is (lora_a == "fused")
         trainer.train()
         losses[lora_a] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -105,7 +107,8 @@ def test_the_train_stage_fuses_when_asked_and_trains_the_same(tiny_run, tmp_path
 def test_the_glue_paths_step_aside_under_fsdp_and_compile():
     """FSDP wraps each LoRA matrix as its own unit (peft's policy): its weight is whole only in its own forward."""
     from sft_pipeline.parallel import parallel_args
-    from sft_pipeline.trainer import SPEED, lora_glue
+    from sft_pipeline.training.build import SPEED
+    from sft_pipeline.training.lora import lora_glue
 
     assert lora_glue(SPEED, None) == (True, True)  # one process: both, the default
     assert lora_glue(SPEED, parallel_args("ddp", 5, 2, "cuda")) == (True, True)  # DDP: whole weights on each rank

@@ -1,4 +1,4 @@
-"""The adapter added inside its own GEMM (``speed`` lora_add: addmm, ``trainer._fuse_lora_add``), on CPU."""
+"""The adapter added inside its own GEMM (``speed`` lora_add: addmm, ``training.lora.fuse_lora_add``), on CPU."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from sft_pipeline.trainer import _fuse_lora_add
+from sft_pipeline.training.lora import fuse_lora_add as _fuse_lora_add
 from tests.conftest import tiny_trainer_inputs
 
 
@@ -59,15 +59,16 @@ def test_other_cases_take_peft_forward():
 def test_the_train_stage_on_4bit_weights_trains_the_same(tiny_run, tmp_path):
     """Through build_trainer on the tiny recipe's 4-bit (bitsandbytes nf4) base: one step, the same loss."""
     from sft_pipeline.config import load_config
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     cfg = load_config("tiny", ["training.max_steps=2", "training.logging_steps=1", "training.save_steps=100"])
     ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=16)
     losses = {}
     for addmm in (False, True):  # peft's own forward, then the default (addmm)
-        trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
-                                         cfg.training, cfg.format.max_length, str(tmp_path / str(addmm)), "cpu",
-                                         speed=None if addmm else {"lora_add": "peft"})
+        job = TrainJob.from_config(cfg, model_path=str(model_dir), work=str(tmp_path / str(addmm)), device="cpu",
+                                   speed=None if addmm else {"lora_add": "peft"})
+        trainer, metrics = build_trainer(job, TrainData(ds, None, tok))
         assert cfg.quantization.load_in_4bit and (metrics.get("addmm_lora_modules", 0) > 0) is addmm
         trainer.train()
         losses[addmm] = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -1,11 +1,11 @@
-"""One LoRA dropout mask per input (``speed`` dropout: per-input, ``trainer._share_dropout``), on CPU."""
+"""One LoRA dropout mask per input (``speed`` dropout: per-input, ``training.lora.share_dropout``), on CPU."""
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from sft_pipeline.trainer import _share_dropout
+from sft_pipeline.training.lora import share_dropout as _share_dropout
 from tests.conftest import tiny_trainer_inputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
@@ -85,13 +85,14 @@ def test_gradient_checkpointing_recomputes_the_same_shared_mask():
 
 def test_the_train_stage_shares_masks_unless_the_recipe_says_not(tiny_run, tmp_path):
     from sft_pipeline.config import load_config
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=8)
     for shared in (True, False):
         cfg = load_config("tiny", ["training.max_steps=1", "lora.dropout=0.1", f"lora.shared_dropout={shared}"])
-        trainer, metrics = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora,
-                                         cfg.training, cfg.format.max_length, str(tmp_path), "cpu")
+        job = TrainJob.from_config(cfg, model_path=str(model_dir), work=str(tmp_path), device="cpu")
+        trainer, metrics = build_trainer(job, TrainData(ds, None, tok))
         attn = trainer.model.get_base_model().model.layers[0].self_attn
         same = attn.q_proj.lora_dropout["default"] is attn.k_proj.lora_dropout["default"]
         assert same is shared and (metrics.get("shared_dropout_modules", 0) > 0) is shared

@@ -22,7 +22,7 @@ import pytest
 
 from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, is_transient
-from sft_pipeline.launch import RankFailure, RankLost, explain, rank_job, run_ranks
+from sft_pipeline.launch import RankFailure, RankLost, explain, run_ranks
 from sft_pipeline.parallel import agree_plan, most_cautious, parallel_args, resolve_num_processes, split_batch
 from tests.conftest import ROOT, capture_log
 
@@ -54,13 +54,14 @@ def tiny_inputs(tmp_path_factory):
 
 
 def _job(root: Path, run: Path, *overrides: str, publish: Path | None = None, steps: int = MAX_STEPS,
-         save_steps: int = SAVE_STEPS) -> dict:
+         save_steps: int = SAVE_STEPS):
     cfg = load_config("tiny", [f"training.max_steps={steps}", f"training.save_steps={save_steps}",
                                "training.save_total_limit=10", "training.device=cpu", *overrides])
-    return rank_job(train=root / "train_sft.parquet", eval=None, tokenizer=root / "tokenizer",
-                    model_path=root / "model", model=cfg.model, quantization=cfg.quantization, lora=cfg.lora,
-                    training=cfg.training, max_length=cfg.format.max_length, work=run / "work", out=run / "out",
-                    device="cpu", publish=publish)
+    from sft_pipeline.training.job import TrainJob
+
+    return TrainJob.from_config(cfg, train=root / "train_sft.parquet", eval=None, tokenizer=root / "tokenizer",
+                                model_path=root / "model", work=run / "work", out=run / "out", device="cpu",
+                                publish=publish)
 
 
 def _logger(name: str):
@@ -242,11 +243,11 @@ def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
 
 # ~25 s here idle, ~2 min busy: 2 ranks until the checkpoint at step 4, SIGKILL, then 1 rank resumes to step 16
 def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny_inputs, tmp_path):
-    from sft_pipeline.trainer import SEALED
+    from sft_pipeline.training.checkpoints import SEALED
 
     steps, save = 16, 4
     job = _job(tiny_inputs, tmp_path, steps=steps, save_steps=save)
-    work = Path(job["work"])
+    work = Path(job.work)
     logger, lines = _logger("kill")
     caught: list[BaseException] = []
 
@@ -295,7 +296,7 @@ def _gone(pid: int) -> bool:
 # group after `stall_s` without progress, and the waiting rank's stack (faulthandler, SIGUSR1) is in the log first
 def test_a_hung_group_is_stopped_by_the_watchdog_and_says_where_ranks_waited(tiny_inputs, tmp_path):
     job = _job(tiny_inputs, tmp_path, steps=400, save_steps=1000)
-    work = Path(job["work"])
+    work = Path(job.work)
     logger, lines = _logger("hang")
     caught: list[BaseException] = []
 
@@ -417,8 +418,8 @@ def test_scaling_bench_arguments_and_table():
     assert a.speed_dict == {"plan": "estimate", "warm": False, "cap": 4}
     job = scaling.make_job({"model": "/m", "train": "/t.parquet", "tokenizer": "/m"}, 2, "ddp", 5, "cuda", False,
                            Path("/r"), a.set, a.speed_dict)
-    assert job["model"]["attn_implementation"] == "sdpa" and job["speed"] == a.speed_dict
-    assert job["training"]["num_processes"] == 2 and job["training"]["max_steps"] == 5
+    assert job.model.attn_implementation == "sdpa" and job.speed == a.speed_dict
+    assert job.training.num_processes == 2 and job.training.max_steps == 5
     results = [{"setting": "1gpu-run0", "gpus": 1, "strategy": "ddp", "tok_s": 9000.0, "per_device_batch_size": 4,
                 "gradient_accumulation_steps": 4, "peak_gpu_gib_rank0": 30.0, "losses": [2.0, 1.5]},
                {"setting": "2gpu-ddp-run0", "gpus": 2, "strategy": "ddp", "tok_s": 16200.0, "per_device_batch_size": 4,

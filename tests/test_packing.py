@@ -34,12 +34,13 @@ def test_train_stage_packs_with_per_sequence_attention(tiny_run, tmp_path):
     """The trainer the train stage builds: packed batches are padding-free, and the model keeps no KV cache
     (with one, transformers ignores packed position_ids and attends across examples)."""
     from sft_pipeline.config import load_config
-    from sft_pipeline.trainer import build_trainer
+    from sft_pipeline.training.build import build_trainer
+    from sft_pipeline.training.job import TrainData, TrainJob
 
     cfg = load_config("tiny", ["training.packing=true", "training.max_steps=1"])
     ds, tok, model_dir = tiny_trainer_inputs(tiny_run, rows=16)
-    trainer, _ = build_trainer(ds, None, tok, str(model_dir), cfg.model, cfg.quantization, cfg.lora, cfg.training,
-                               cfg.format.max_length, str(tmp_path), "cpu")
+    job = TrainJob.from_config(cfg, model_path=str(model_dir), work=str(tmp_path), device="cpu")
+    trainer, _ = build_trainer(job, TrainData(ds, None, tok))
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
     assert (batch["position_ids"][0] == 0).sum() > 1  # several examples in one row, positions restart for each

@@ -108,13 +108,13 @@ def test_steady_rate_ends_with_the_last_step_not_the_final_save(monkeypatch):
     and evaluation Trainer runs after it are one-off costs; tokens_per_second still covers the whole call."""
     from transformers import TrainerState
 
-    from sft_pipeline import trainer as trainer_module
     from sft_pipeline.config import TrainingConfig
+    from sft_pipeline.training import callbacks as callbacks_module
 
     clock = [100.0]
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(callbacks_module.time, "perf_counter", lambda: clock[0])
     metrics: dict = {}
-    _, throughput, _ = trainer_module._callbacks(TrainingConfig(), metrics, total_tokens=10_000)
+    _, throughput, _ = callbacks_module.standard(TrainingConfig(), metrics, total_tokens=10_000)
     state = TrainerState(max_steps=8, num_input_tokens_seen=0)
     throughput.on_train_begin(None, state, None)
     for step in range(1, 9):  # 8 steps of 1,000 tokens, 1 s each

@@ -21,7 +21,8 @@ from sft_pipeline.config import load_config
 from sft_pipeline.errors import ConfigError, StageFailure, is_transient
 from sft_pipeline.stage import Facts, execute, key_parts, stage_key
 from sft_pipeline.store import Store
-from sft_pipeline.trainer import _halve_batch, _saved_batch, last_checkpoint, seal_checkpoint
+from sft_pipeline.training.checkpoints import last_checkpoint, seal_checkpoint
+from sft_pipeline.training.fallback import halve as _halve_batch, saved as _saved_batch
 
 
 def test_fault_points_are_off_by_default_and_fire_once(monkeypatch):
