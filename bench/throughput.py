@@ -25,8 +25,8 @@ lengths, mean ~1,300 tokens, cap 2048) and the same random-weight Mistral-7B (``
   change (dropout regularizes)
 - ``peftlora``: the default before the LoRA glue levers: peft's forward and one dropout mask per adapted module
   (``lora.shared_dropout=false``, speed ``lora_add=peft``); ``sharedrop``: that with one mask per input (q/k/v
-  share one, ``training.lora.share_dropout``, now the default); ``addmm``: that with each adapter added inside its second
-  GEMM (``training.lora.fuse_lora_add``, now the default)
+  share one, ``training.lora.share_dropout``, now the default); ``addmm``: that with each adapter added inside its
+  second GEMM (``training.lora.fuse_lora_add``, now the default)
 - ``splita``: the default with one A GEMM per adapter, instead of the A matrices of the adapters that read one
   input as one GEMM (``training.lora.fuse_lora_a``, the default; measured as ``fuseda`` before it was)
 - ``mb16``: the default with the measured plan allowed up to micro-batch 16 (cap 8 is the default)

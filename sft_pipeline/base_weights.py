@@ -3,11 +3,11 @@
 bitsandbytes dequantizes every 4-bit weight in each forward and again in each backward (for the input gradient):
 for a packed micro-batch it unpacks the nested absmax, dequantizes the weight into a fresh bf16 buffer and calls
 ``F.linear``. The base is frozen, so the dequantized weights never change: holding them once gives the same GEMMs
-on the same numbers, without the dequantization kernels (2.2 % of an H200 step, BENCHMARKS.md) and the buffers
-they fill (a 7B's 13 GiB of weights twice a micro-batch, forward and backward): +2.5 % on an H200. It costs
-memory: a 7B's linear layers take 13.0 GiB in bf16 instead of 3.4 GiB in nf4, so the train stage does it only when
-the measured batch plan's micro-batch leaves that much room (``trainer.build_trainer``). QLoRA's point, training a
-7B on a small card, is untouched: there the plan leaves no room and the weights stay 4-bit.
+on the same numbers, without the dequantization kernels and the buffers they fill (twice a micro-batch, forward and
+backward). It costs memory: a 7B's linear layers take about four times as much in bf16 as in nf4, so the train stage
+does it only when the measured batch plan's micro-batch leaves that much room (``training.build``). QLoRA's point,
+training a 7B on a small card, is untouched: there the plan leaves no room and the weights stay 4-bit. What it gave
+and cost on a GPU: BENCHMARKS.md, "Issue 14: baselines as medians of 3, ... the base kept dequantized".
 """
 from __future__ import annotations
 

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except TrainingInterrupted as stopped:
         if rank.rank == 0:
-            write_json_atomic(Path(job.work) / INTERRUPTED_FILE, {"step": stopped.step, "checkpoint": stopped.checkpoint,
-                                                                  "reason": stopped.reason})
+            where = {"step": stopped.step, "checkpoint": stopped.checkpoint, "reason": stopped.reason}
+            write_json_atomic(Path(job.work) / INTERRUPTED_FILE, where)
         log.warning("%s", stopped)
         sys.exit(INTERRUPTED_EXIT)
     run.save_ranks(trainer, metrics, Path(job.out), rank)

@@ -83,7 +83,8 @@ FA4_CACHE_ENV = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE
 
 def fa4_cache_dir() -> Path:
     """Where flash-attention 4 keeps the kernels it compiled, across processes and runs: each process otherwise
-    compiles its kernels again on its first attention call (6.6 s of 10.7 on an H200). Keyed there by its sources,
+    compiles its kernels again on its first attention call (what that costs: BENCHMARKS.md, "Issue 14: the defaults
+    beside the baselines ... flash-attention 4's compile cache"). Keyed there by its sources,
     the CUTLASS DSL's version, the GPU architecture and the kernel's shape parameters: a stale entry is never used."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sft-pipeline" / "flash-attn-cute"
@@ -229,8 +230,8 @@ def _native_gqa(device, dtype, extra: dict) -> bool:
 
     torch 2.11's ``varlen_attn`` has no ``enable_gqa`` flag; the flash kernel under it may still handle grouped
     heads. Checked once per process against repeated heads on a small input, forward and backward, never assumed:
-    when it raises or differs, key/value heads are repeated (what torch 2.11 cost: +0.75 GiB a packed row and two
-    copies per layer, measured on an H200)."""
+    when it raises or differs, key/value heads are repeated (two copies per layer; what they cost: BENCHMARKS.md,
+    "Issue 14, continued")."""
     import torch
 
     if device.type not in _gqa:

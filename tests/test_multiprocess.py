@@ -284,6 +284,54 @@ def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny
           f"rerun {time.time() - t0:.0f} s")
 
 
+# ~60 s here idle, ~2 min busy: 2 ranks train, a stop is requested in the launcher's process (what a SIGTERM handler
+# does); both ranks stop at one step after its sealed checkpoint, then 2 ranks resume from it to the end
+@pytest.mark.slow
+def test_a_stop_request_stops_every_rank_at_one_step_and_the_rerun_resumes_there(tiny_inputs, tmp_path):
+    from sft_pipeline.errors import TrainingInterrupted
+    from sft_pipeline.launch import INTERRUPTED_EXIT
+    from sft_pipeline.training import stop
+    from sft_pipeline.training.checkpoints import SEALED, checkpoint_problem
+
+    steps, save = 16, 4
+    job = _job(tiny_inputs, tmp_path, steps=steps, save_steps=save)
+    work = Path(job.work)
+    logger, lines = _logger("stop")
+    caught: list[BaseException] = []
+
+    def train():
+        try:
+            run_ranks(job, 2, logger, timeout_s=600)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what the launcher raised
+            caught.append(e)
+
+    t = threading.Thread(target=train)
+    t.start()
+    try:
+        deadline = time.time() + 300
+        while not (work / f"checkpoint-{save}" / SEALED).is_file():
+            assert time.time() < deadline and t.is_alive(), lines.lines[-20:]
+            time.sleep(0.2)
+        stop.request("SIGTERM")
+        t.join(180)
+    finally:
+        stop.clear()
+    assert not t.is_alive() and caught and isinstance(caught[0], TrainingInterrupted), (caught, lines.lines[-30:])
+    err = caught[0]
+    assert err.step >= save and Path(err.checkpoint).name == f"checkpoint-{err.step}"
+    assert checkpoint_problem(Path(err.checkpoint)) is None  # sealed, once both ranks wrote their parts
+    said = {r: [ln for ln in lines.lines if ln.startswith(f"[rank {r}] ") and "train: stopped at step" in ln]
+            for r in (0, 1)}
+    assert all(f"stopped at step {err.step} " in said[r][0] for r in (0, 1)), said  # the same step on both ranks
+    failures = json.loads(next(work.glob("failures-*.json")).read_text()) if list(work.glob("failures-*.json")) else {}
+    assert all(f["exitcode"] == INTERRUPTED_EXIT for f in failures.values()), failures  # 143 where torchrun saw any
+    assert not (tmp_path / "out" / "train_metrics.json").exists()
+
+    logger, lines = _logger("stop-resume")
+    metrics = run_ranks(job, 2, logger, timeout_s=600)
+    assert metrics["resumed_from_step"] == err.step and metrics["steps"] == steps
+
+
 def _gone(pid: int) -> bool:
     """No such process, or one that has exited and waits only to be reaped."""
     try:
