@@ -84,9 +84,10 @@ class Rank:
     rank: int = 0
     local_rank: int = 0  # this process's GPU on its machine
     world: int = 1
+    launched: bool = False  # started by torchrun (a group, perhaps of one): its metrics say world_size and strategy
 
     @classmethod
     def from_env(cls) -> "Rank":
         """As torchrun sets it (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``)."""
         env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)), True)

@@ -71,7 +71,7 @@ def finish_metrics(metrics: dict, result, batch: dict | None, rank: Rank, strate
     metrics.update(result.metrics)
     metrics["resumed_from_step"] = metrics.get("start_step", 0)
     metrics["oom_fallbacks"] = (batch or {}).get("oom_fallbacks", [])
-    if rank.world > 1:
+    if rank.launched:
         metrics.update(world_size=rank.world, strategy=strategy)
     metrics.update({k: metrics["batch_plan"][k] for k in PLAN_KEYS})
     return metrics
