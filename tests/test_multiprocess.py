@@ -284,8 +284,8 @@ def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny
           f"rerun {time.time() - t0:.0f} s")
 
 
-# ~60 s here idle, ~2 min busy: 2 ranks train, a stop is requested in the launcher's process (what a SIGTERM handler
-# does); both ranks stop at one step after its sealed checkpoint, then 2 ranks resume from it to the end
+# 120 s here with the 2 cores loaded (idle not measured): 2 ranks train, a stop is requested in the launcher's
+# process (what a SIGTERM handler does); both ranks stop at one step after its sealed checkpoint, then 2 ranks resume from it to the end
 @pytest.mark.slow
 def test_a_stop_request_stops_every_rank_at_one_step_and_the_rerun_resumes_there(tiny_inputs, tmp_path):
     from sft_pipeline.errors import TrainingInterrupted

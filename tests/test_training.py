@@ -187,7 +187,8 @@ def _adapter(trainer, out: Path):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-# ~70 s here idle (three short trainings of the tiny model on CPU: uninterrupted, stopped at step 3, resumed)
+# 166 s here with the 2 cores loaded (load average ~14; idle not measured): three short trainings of the tiny
+# model on CPU (uninterrupted, stopped at step 3, resumed)
 @pytest.mark.slow
 def test_a_stop_at_step_k_saves_a_sealed_checkpoint_there_and_the_rerun_ends_as_if_uninterrupted(tiny_files, tmp_path):
     from transformers import TrainerCallback
