@@ -7,7 +7,8 @@ manifest of the stage's latest earlier artifact: which config field, which upstr
 changed. Once a stage would run, the stages that read its artifact run after it (its new fingerprint is only known
 then). No Prefect server is started: secrets in Prefect Secret blocks are looked up only when ``PREFECT_API_URL``
 names a server (else a token kept only in a block shows as absent, and authenticate may run where the plan said
-reuse; it takes a second).
+reuse; it takes a second). With a store on object storage it reads the manifests and run summaries there and
+downloads no artifact (one that only the object store has shows its URL).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sft_pipeline.stage import Facts, Stage, key_parts, stage_key
-from sft_pipeline.store import MANIFEST, ArtifactRef, Store
+from sft_pipeline.store import MANIFEST, ArtifactRef, Store, is_url
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -50,11 +51,8 @@ def _config_changes(old: dict, new: dict) -> list[str]:
 def _run_history(store: Store) -> dict[tuple[str, str], str]:
     """(stage, key) -> fingerprint of every artifact a run recorded: what a deleted artifact was."""
     known: dict[tuple[str, str], str] = {}
-    for path in sorted((store.root / "runs").glob("*.json")):
-        try:
-            stages = json.loads(path.read_text()).get("stages", {})
-        except (OSError, ValueError):
-            continue
+    for record in store.run_records():
+        stages = record.get("stages", {}) if isinstance(record, dict) else {}
         for name, rec in stages.items():
             if isinstance(rec, dict) and rec.get("key") and rec.get("fingerprint"):
                 known[(name, rec["key"])] = rec["fingerprint"]
@@ -65,17 +63,13 @@ def _earlier_fingerprint(store: Store, stage: str, key: str, history: dict) -> s
     try:
         return json.loads((store.artifact_dir(stage, key) / MANIFEST).read_text())["fingerprint"]
     except (OSError, ValueError, KeyError):
-        return history.get((stage, key))
+        return history.get((stage, key))  # an object store's copy, when there is one, was found by check
 
 
 def _why_new(store: Store, stage: str, parts: dict) -> str:
     """What differs from the stage's latest earlier artifact (preferring an intact one)."""
     earlier = []
-    for manifest in (store.root / stage).glob(f"*/{MANIFEST}"):
-        try:
-            m = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
+    for m in store.manifests(stage):  # with an object store: those of every machine
         if "config" not in m.get("inputs", {}):
             continue  # written by an older version of the pipeline: not comparable
         intact = store.check(stage, m.get("key", ""))[0]
@@ -111,10 +105,11 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
         parts = key_parts(stage, cfg, {n: refs[n] for n in stage.needs}, facts)
         key = stage_key(parts)
         ok, why = store.check(stage.name, key)
-        if ok:
+        ref = store.peek(stage.name, key) if ok else None  # an object store's copy is not downloaded
+        if ref is not None:
             again = [n for n in stage.needs if n in redo]
-            ref = store.ref(stage.name, key)
-            add(stage.name, "reuse", key, "finished artifact in the store" + (
+            where = "the object store" if is_url(ref.path) else "the store"
+            add(stage.name, "reuse", key, f"finished artifact in {where}" + (
                 f" (if {' and '.join(again)} reproduces its earlier output)" if again else ""), ref.path)
             refs[stage.name] = ref
             continue
@@ -139,9 +134,8 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     """tok/s of the newest train artifact in this store with the same base model and device."""
     facts = Facts(cfg, blocks=False, store=store)
     found = []
-    for manifest in (store.root / "train").glob(f"*/{MANIFEST}"):
+    for m in store.manifests("train"):
         try:
-            m = json.loads(manifest.read_text())
             same = m["inputs"]["config"]["model"]["fingerprint"] == facts.model and \
                 m["inputs"]["config"]["training"]["device"] == cfg.training.device
             rate = m["metrics"].get("tokens_per_second_warm") or m["metrics"].get("tokens_per_second")
@@ -152,13 +146,14 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     return (max(found)[1], "the last run of this model in this store") if found else None
 
 
-def planned_tokens(training, ids_parquet: str | Path) -> int:
+def planned_tokens(training, ids_parquet) -> int:
     """``training.planned_tokens`` of a split's token ids as the format stage saved them (cut to
-    ``format.max_length``; its stats.json counts them before the cut)."""
+    ``format.max_length``; its stats.json counts them before the cut). ``ids_parquet``: a path or an open file."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
+    source = ids_parquet if hasattr(ids_parquet, "read") else str(ids_parquet)
+    ids = pq.read_table(source, columns=["input_ids"]).column("input_ids")
     return training.planned_tokens(pc.list_value_length(ids).to_pylist())
 
 
@@ -168,7 +163,12 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
     fmt = next((s for s in steps if s["stage"] == "format" and s["decision"] == "reuse"), None)
     if fmt is None:
         return None
-    tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / f"{cfg.data.train_split}.parquet")
+    name = f"{cfg.data.train_split}.parquet"
+    if is_url(fmt["artifact"]):  # only the object store has it: read its one column from there
+        with store.remote.fs.open(store.remote.path(f"format/{fmt['key']}/{name}"), "rb") as f:
+            tokens = planned_tokens(cfg.training, f)
+    else:
+        tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / name)
     rate = _measured_rate(cfg, store)
     if rate is None:
         from sft_pipeline.preflight import model_config, parameter_count
