@@ -8,6 +8,10 @@ the lease's ttl by the waiter's own clock (no clocks are compared across machine
 whose machine died, is taken over after at most one ttl. A holder that finds a newer generation than its own has
 lost the lease (it stalled longer than the ttl) and says so; the store then keeps its artifact local.
 
+Generations are never deleted (a few hundred bytes each, one per time a lease is taken): so no generation can be
+created twice, and a listing that lags behind (or comes back empty) only makes a waiter try a generation that
+exists, fail, and look again; it can never give two processes the lease.
+
 Only conditional create is needed, not conditional overwrite: on SeaweedFS 4.48 here, eight clients overwriting
 one object with ``If-Match`` on the same ETag had two winners in 13 of 40 rounds, while eight creating one object
 with ``If-None-Match: *`` had exactly one winner in 40 of 40.
@@ -19,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from typing import Callable
 
 from sft_pipeline.errors import ConfigError
@@ -62,13 +67,14 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._token = uuid.uuid4().hex  # tells this process's generation from another's with the same holder
 
     def _key(self, gen: int) -> str:
         return f".locks/{self.name}/{gen:08d}.json"
 
     def _body(self, released: bool = False) -> bytes:
-        return json.dumps({"holder": self.holder, "ttl": self.ttl, "beat": self.beat, "released": released,
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        return json.dumps({"holder": self.holder, "token": self._token, "ttl": self.ttl, "beat": self.beat,
+                           "released": released, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
 
     def _generations(self, retries: int | None = None) -> list[int]:
         kw = {} if retries is None else {"retries": retries}
@@ -88,23 +94,23 @@ class Lease:
                 continue  # removed between the listing and the read: list again
             if not top or self._free(top, raw, seen):
                 self.beat = 0
-                if self.remote.create(self._key(top + 1), self._body()):
+                if self.remote.create(self._key(top + 1), self._body()) or self._mine(top + 1):
                     self.gen = top + 1
                     break
-                continue  # another waiter took it first
+                continue  # another waiter took it first (or the listing lagged: that generation exists)
             holder = _field(raw, "holder") or "another process"
             if holder != told and self.on_wait is not None:
                 self.on_wait(holder)
             told = holder
             time.sleep(delay)
             delay = min(delay * 1.5, max(1.0, self.ttl / 6))
-        older = [self._key(g) for g in gens if g < self.gen]
-        try:  # their holders are gone (or learn from our generation that they lost): tidy up
-            self.remote.delete(older, retries=0)
-        except RemoteError:
-            pass
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
+
+    def _mine(self, gen: int) -> bool:
+        """Did our own create of ``gen`` succeed after all? (A request retried after the store did the first one
+        gets 412: the object is there, with our token.)"""
+        return _field(self.remote.read_bytes(self._key(gen)), "token") == self._token
 
     def _free(self, gen: int, raw: bytes, seen: dict[int, tuple[bytes, float]]) -> bool:
         """Is generation ``gen`` (its content ``raw``) released, or unchanged for a ttl as seen from here?"""

@@ -72,7 +72,7 @@ def known_schemes() -> set[str]:
 
 def check_scheme(url: str) -> None:
     """ConfigError (one line) for a URL whose scheme fsspec does not know, or whose library is not installed."""
-    import fsspec.registry
+    import fsspec
 
     scheme, rest = split(url)
     if scheme not in known_schemes():
@@ -82,10 +82,9 @@ def check_scheme(url: str) -> None:
         raise ConfigError(f"--store {url}: no bucket in the URL; e.g. {scheme}://my-bucket/sft-store")
     try:
         fsspec.get_filesystem_class(scheme)
-    except ImportError:
-        need = fsspec.registry.known_implementations.get(scheme, {}).get("err", "its fsspec package")
-        raise ConfigError(f"--store {url}: the {scheme}:// file system is not installed ({need}); for s3:// "
-                          "pip install -e '.[s3]'") from None
+    except ImportError as e:
+        hint = "pip install -e '.[s3]'" if scheme in ("s3", "s3a") else str(e)
+        raise ConfigError(f"--store {url}: the {scheme}:// file system is not installed ({hint})") from None
 
 
 def _codes(exc: BaseException) -> set[str]:
@@ -277,11 +276,16 @@ class Remote:
 
     def _refused(self, what: str, e: BaseException) -> str:
         codes = _codes(e)
-        if "NoSuchBucket" in codes:
-            return f"{what}: the bucket of {self.url} does not exist at {self.endpoint()}"
-        if codes & _REFUSED or isinstance(e, PermissionError) or type(e).__name__ == "NoCredentialsError":
+        bucket = self.prefix.split("/", 1)[0]
+        if "NoSuchBucket" in codes or (what.startswith("opening bucket") and isinstance(e, FileNotFoundError)):
+            return f"{what}: bucket {bucket!r} does not exist at {self.endpoint()}: create it, or fix the URL"
+        if type(e).__name__ == "NoCredentialsError":
+            return (f"{what}: no credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws, an "
+                    "instance role, or a Prefect block named by --store-block)")
+        if codes & _REFUSED or isinstance(e, PermissionError):
+            code = sorted(c for c in codes if not c.isdigit()) or [type(e).__name__]
             return (f"{what}: the object store at {self.endpoint()} refused the credentials from "
-                    f"{self.credentials_source()} ({_short(e)})")
+                    f"{self.credentials_source()} ({code[0]})")
         return f"{what}: {_short(e)}"
 
     # ------------------------------------------------------------------ objects
@@ -418,7 +422,7 @@ class Remote:
         except RemoteError as e:
             cause = e.__cause__
             if cause is not None and not transient(cause):
-                raise ConfigError(f"--store {self.url}: {self._refused('cannot use the store', cause)}") from None
+                raise ConfigError(f"--store {self.url}: {str(e).split(': ', 1)[1]}") from None
             raise ConfigError(f"--store {self.url}: the object store at {self.endpoint()} is unreachable "
                               f"({_short(cause) if cause else e}); check the endpoint (AWS_ENDPOINT_URL for "
                               "S3-compatible servers) and the network; nothing ran") from None
