@@ -76,7 +76,7 @@ class WorkMirror:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.log.warning("%s: the object store's %s is damaged (%s); trying an older one", self.what, name, e)
                 continue
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - removes the half download, then re-raises
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             if (self.local / name).exists():  # cut short here (no seal): the remote one is whole

@@ -279,12 +279,15 @@ class Store:
                 _log().warning("%s: the object store's %s is broken (%s): computed again", stage,
                                remote.url_of(rel), e)
             return None
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - removes the half download, then re-raises
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_tree(tmp)
         final = self.artifact_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if self._check_local(stage, key)[0]:  # another process of this machine was quicker: its copy is in use
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self.ref(stage, key)
         if final.exists():  # a broken local copy: move it aside, then replace it
             trash = tmp_root / f"old-{stage}-{key}-{uuid.uuid4().hex[:8]}"
             final.rename(trash)
@@ -319,10 +322,14 @@ class Store:
             return
         rel, local = f"{stage}/{key}", self.artifact_dir(stage, key)
         manifest = json.loads((local / MANIFEST).read_text())
-        there = remote.read_json(f"{rel}/{MANIFEST}")
+        raw = remote.read_bytes(f"{rel}/{MANIFEST}")
+        try:
+            there = json.loads(raw) if raw is not None else None
+        except ValueError:
+            there = None
         if isinstance(there, dict) and there.get("fingerprint") == manifest["fingerprint"]:
             return
-        if there is not None:
+        if raw is not None:  # a broken copy there (we hold the lease): withdrawn before its files are overwritten
             remote.delete([f"{rel}/{MANIFEST}"])
         t0 = time.monotonic()
         done = remote.put_dir(local, rel, MANIFEST, sorted(manifest["files"]),
@@ -458,7 +465,7 @@ class Store:
         self._mirrors[(stage, key)] = mirror
         try:
             yield
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a last upload, then re-raised
             mirror.stop(flush=True)  # the checkpoint written just before the end (a crash, Ctrl-C, SIGTERM)
             raise
         else:

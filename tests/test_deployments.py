@@ -502,7 +502,8 @@ def test_gpu_deployment_renders_a_kubernetes_job(prefect):
     assert json.loads(pod["metadata"]["annotations"]["sft-pipeline/overrides"]) == dep["parameters"]["overrides"]
 
     pod = asyncio.run(render({**dep["job_variables"], "gpu_count": 2, "store_mount_path": "/data",
-                              "store_volume": {"name": "sft-store", "persistentVolumeClaim": {"claimName": "team-store"}},
+                              "store_volume": {"name": "sft-store",
+                                               "persistentVolumeClaim": {"claimName": "team-store"}},
                               "recipe": "zephyr-7b-qlora"}))
     (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
@@ -526,7 +527,8 @@ def test_gpu_deployment_renders_a_kubernetes_job(prefect):
         for k, v in env.items():
             mp.setenv(k, v)
         st = Store(default_store())
-        assert st.remote is not None and st.location == "s3://team-bucket/sft" and str(st.root) == "/mnt/sft-store/cache"
+        assert st.remote is not None and st.location == "s3://team-bucket/sft"
+        assert str(st.root) == "/mnt/sft-store/cache"
 
 
 def _k8s_env(container: dict) -> dict[str, str]:
