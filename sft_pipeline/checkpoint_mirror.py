@@ -10,8 +10,9 @@ the stage (``Store.mirror_work``):
 - a thread (while it runs) uploads each newly sealed checkpoint, its files first and its seal LAST, and removes the
   remote ones that the local side pruned (Trainer's ``save_total_limit``), so the remote holds what the disk holds;
 - ``flush`` does one such round at once and returns whether everything sealed is uploaded. The end of a stage that
-  raised (a crash, Ctrl-C, a SIGTERM turned into an exception) calls it, so the checkpoint written just before the
-  process ends is uploaded too; code that seals a checkpoint on its way out can call ``StageContext.flush_work()``.
+  raised (a crash, Ctrl-C, a stop request that training answers with a checkpoint and an exception) calls it, so
+  the checkpoint written just before the process ends is uploaded too; code that seals a checkpoint on its way out
+  and does not raise can call ``StageContext.flush_work()``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from sft_pipeline.remote import Remote, RemoteBroken, RemoteError
 
-SEAL = "sft-pipeline-complete"  # sft_pipeline/trainer.py's SEALED (tests/test_object_store.py checks they agree)
+SEAL = "sft-pipeline-complete"  # the trainer's SEALED, the seal file's name (tests/test_object_store.py checks it)
 STATE = ("batch.json",)  # files beside the checkpoints that a resume reads
 POLL_SECONDS = 5.0  # how often the thread looks for a newly sealed checkpoint (a local directory listing)
 

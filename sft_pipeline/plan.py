@@ -8,7 +8,8 @@ changed. Once a stage would run, the stages that read its artifact run after it 
 then). No Prefect server is started: secrets in Prefect Secret blocks are looked up only when ``PREFECT_API_URL``
 names a server (else a token kept only in a block shows as absent, and authenticate may run where the plan said
 reuse; it takes a second). With a store on object storage it reads the manifests and run summaries there and
-downloads no artifact (one that only the object store has shows its URL).
+downloads no artifact (one that only the object store has shows its URL; the estimate reads the format stage's
+token ids from there).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sft_pipeline.stage import Facts, Stage, key_parts, stage_key
-from sft_pipeline.store import MANIFEST, ArtifactRef, Store, is_url
+from sft_pipeline.store import MANIFEST, ArtifactRef, Store
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -57,6 +58,13 @@ def _run_history(store: Store) -> dict[tuple[str, str], str]:
             if isinstance(rec, dict) and rec.get("key") and rec.get("fingerprint"):
                 known[(name, rec["key"])] = rec["fingerprint"]
     return known
+
+
+def _only_in_object_store(path: str) -> bool:
+    """An artifact ``Store.peek`` found only in the object store: its path is the URL there."""
+    from sft_pipeline.store import is_url
+
+    return is_url(path)
 
 
 def _earlier_fingerprint(store: Store, stage: str, key: str, history: dict) -> str | None:
@@ -108,7 +116,7 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
         ref = store.peek(stage.name, key) if ok else None  # an object store's copy is not downloaded
         if ref is not None:
             again = [n for n in stage.needs if n in redo]
-            where = "the object store" if is_url(ref.path) else "the store"
+            where = "the object store" if _only_in_object_store(ref.path) else "the store"
             add(stage.name, "reuse", key, f"finished artifact in {where}" + (
                 f" (if {' and '.join(again)} reproduces its earlier output)" if again else ""), ref.path)
             refs[stage.name] = ref
@@ -146,14 +154,13 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     return (max(found)[1], "the last run of this model in this store") if found else None
 
 
-def planned_tokens(training, ids_parquet) -> int:
+def planned_tokens(training, ids_parquet: str | Path) -> int:
     """``training.planned_tokens`` of a split's token ids as the format stage saved them (cut to
-    ``format.max_length``; its stats.json counts them before the cut). ``ids_parquet``: a path or an open file."""
+    ``format.max_length``; its stats.json counts them before the cut)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    source = ids_parquet if hasattr(ids_parquet, "read") else str(ids_parquet)
-    ids = pq.read_table(source, columns=["input_ids"]).column("input_ids")
+    ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
     return training.planned_tokens(pc.list_value_length(ids).to_pylist())
 
 
@@ -164,9 +171,14 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
     if fmt is None:
         return None
     name = f"{cfg.data.train_split}.parquet"
-    if is_url(fmt["artifact"]):  # only the object store has it: read its one column from there
-        with store.remote.fs.open(store.remote.path(f"format/{fmt['key']}/{name}"), "rb") as f:
-            tokens = planned_tokens(cfg.training, f)
+    if _only_in_object_store(fmt["artifact"]):  # its one file fetched into the cache's .tmp, then removed
+        tmp = store.root / ".tmp" / f"plan-{os.getpid()}-{name}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.remote.fs.get(store.remote.path(f"format/{fmt['key']}/{name}"), str(tmp))
+            tokens = planned_tokens(cfg.training, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / name)
     rate = _measured_rate(cfg, store)

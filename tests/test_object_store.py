@@ -98,9 +98,13 @@ def test_an_artifact_counts_only_with_its_manifest_and_is_checked_on_download(s3
     assert c.ref("data", "k1") is None
     assert not (tmp_path / "c" / "data" / "k1").exists() and not any((tmp_path / "c" / ".tmp").iterdir())
 
-    from sft_pipeline import checkpoint_mirror, trainer
+    from sft_pipeline import checkpoint_mirror
 
-    assert checkpoint_mirror.SEAL == trainer.SEALED  # the mirror finds the trainer's sealed checkpoints
+    try:  # where the seal's name lives since the trainer was split into sft_pipeline/training/
+        from sft_pipeline.training.checkpoints import SEALED
+    except ImportError:
+        from sft_pipeline.trainer import SEALED
+    assert checkpoint_mirror.SEAL == SEALED  # the mirror finds the trainer's sealed checkpoints
 
 
 def test_a_lease_has_one_holder_and_a_killed_holder_is_taken_over(s3, tmp_path):
