@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class Weed:
         self.proc: subprocess.Popen | None = None
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
         self.url = f"http://127.0.0.1:{self.ports['s3']}"
+        # its unix sockets (else /tmp/seaweedfs-<part>-<port>.sock, left behind): beside its data, when that path is
+        # short enough for a socket's name (108 bytes), else in a temp dir of its own
+        self.sockets = self.root if len(str(self.root)) < 80 else Path(tempfile.mkdtemp(prefix="weed-"))
         self.env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": self.url,
                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
@@ -61,7 +65,8 @@ class Weed:
             [WEED, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              f"-s3.port={p['s3']}", f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}", "-master.telemetry=false"],
+             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}", "-master.telemetry=false",
+             f"-s3.localSocket={self.sockets / 's3.sock'}", f"-filer.localSocket={self.sockets / 'filer.sock'}"],
             stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         while True:
             try:
@@ -84,12 +89,17 @@ class Weed:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _tidy(self) -> None:
+        """The admin server's socket, which weed puts in /tmp whatever it is told (its name holds our port)."""
+        Path(f"/tmp/seaweedfs-admin-grpc-{self.ports['admin'] + 10000}.sock").unlink(missing_ok=True)
+
     def kill(self) -> None:
         """SIGKILL: it stops at once, mid-request (what it had written is in the kernel already: a restart finds it)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         self.proc = None
+        self._tidy()
 
     def stop(self) -> None:
         """SIGTERM to its group, SIGKILL if it lingers (only while the process we started is alive: its PID is ours)."""
@@ -108,3 +118,4 @@ class Weed:
             except subprocess.TimeoutExpired:
                 continue
         self.proc = None
+        self._tidy()
