@@ -55,13 +55,13 @@ class Attempts:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_if_transient)
-def run_stage(stage: Stage, cfg: PipelineConfig, store: str, upstream: dict[str, ArtifactRef], facts: Facts,
+def run_stage(stage: Stage, cfg: PipelineConfig, store: Store, upstream: dict[str, ArtifactRef], facts: Facts,
               attempts: Attempts) -> ArtifactRef:
     """One stage as a Prefect task: ``Cached`` when the store had its artifact, ``Completed`` when computed."""
     attempts.count[stage.name] = attempts.count.get(stage.name, 0) + 1
     log = get_run_logger()
     try:
-        ref, reused = execute(stage, cfg, Store(store), upstream, facts, log, run_label=flow_run.get_name())
+        ref, reused = execute(stage, cfg, store, upstream, facts, log, run_label=flow_run.get_name())
     except (StageFailure, ConfigError) as exc:  # ours: one line, no traceback (a bug still gets Prefect's)
         log.error("%s", failure_message(exc))
         return Failed(message=failure_message(exc), data=exc)
@@ -80,13 +80,14 @@ class RunRecord:
         self.stages: dict[str, dict[str, Any]] = {}
         self.attempts = Attempts()
         self.path = store.root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        self.push_failed = False
 
     def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef]) -> ArtifactRef:
         t0 = time.perf_counter()
         task_ = run_stage.with_options(name=stage.name, retries=stage.retries,
                                        retry_delay_seconds=RETRY_DELAYS[: max(stage.retries, 1)])
         try:
-            state = task_(stage, self.cfg, str(self.store.root), {n: refs[n] for n in stage.needs}, facts,
+            state = task_(stage, self.cfg, self.store, {n: refs[n] for n in stage.needs}, facts,
                           self.attempts, return_state=True)
         except KeyboardInterrupt:  # Ctrl-C: the summary says where it stopped; the same command resumes there
             self.stages[stage.name] = {"state": "Interrupted", "seconds": round(time.perf_counter() - t0, 2)}
@@ -110,11 +111,16 @@ class RunRecord:
         return ref
 
     def write(self, status: str, **extra) -> dict:
-        summary = {"recipe": self.cfg.recipe, "store": str(self.store.root), "model": describe(self.cfg.model),
+        summary = {"recipe": self.cfg.recipe, "store": self.store.location, "model": describe(self.cfg.model),
                    "flow_run_id": str(flow_run.id), "status": status, "stages": self.stages,
                    "config": self.cfg.model_dump(mode="json"), **extra}
         for path in [self.path] + ([Path(self.summary_path)] if self.summary_path else []):
             write_json_atomic(path, summary)
+        problem = self.store.push(self.path)  # an object store: one attempt now, the next write tries again
+        if problem and not self.push_failed:
+            logging.getLogger("sft_pipeline.store").warning("the run summary is not in the object store yet: %s",
+                                                            problem)
+        self.push_failed = bool(problem)
         return summary
 
 
@@ -182,7 +188,8 @@ def fail_cleanly(fn):
 @flow(name="sft-pipeline")
 @fail_cleanly
 def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None = None, store: str | None = None,
-        summary_json: str | None = None, recipe_file: str | None = None) -> dict:
+        summary_json: str | None = None, recipe_file: str | None = None, cache_dir: str | None = None,
+        store_block: str | None = None) -> dict:
     """Fine-tune a causal LM with QLoRA: seven cached stages, then promote the adapter if it is the best so far.
 
     Args:
@@ -190,14 +197,20 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
         overrides: config fields to change, as {"section.key": value}, e.g. {"lora.r": 4, "training.max_steps": 20}.
             The whole config is validated before any stage runs. Secrets are never values: name Prefect Secret
             blocks instead ({"auth.hf_token_block": "my-hf-token"}).
-        store: the artifact store directory (default $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline); shared storage
-            when workers run on several machines.
+        store: the artifact store: a directory, or an object-store URL (s3://bucket/prefix, any fsspec URL) that
+            machines share (default $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline).
         summary_json: also write the run summary to this path.
         recipe_file: a recipe YAML on the machine that runs the flow, used instead of recipe.
+        cache_dir: with an object store, this machine's copy of it (default $SFT_PIPELINE_CACHE or
+            ~/.cache/sft-pipeline/remote/<hash of the URL>).
+        store_block: with an object store, a Prefect block holding its credentials (aws-credentials/<name>,
+            minio-credentials/<name>, or s3-bucket/<name>, whose bucket and folder are then the store).
     """
     cfg = load_config(recipe_file or recipe, overrides or {})
-    st = Store(store or default_store())
-    check_paths(str(st.root), summary_json)  # a file, read-only, or someone else's non-empty directory: refused
+    store_block = store_block or os.environ.get("SFT_PIPELINE_STORE_BLOCK") or None
+    # a file, read-only, someone else's non-empty directory; an unknown scheme, a missing bucket, bad credentials
+    check_paths(store, summary_json, cache_dir=cache_dir, block=store_block)
+    st = Store(store or ("" if store_block else default_store()), cache_dir=cache_dir, block=store_block)
     preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}

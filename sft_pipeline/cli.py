@@ -1,7 +1,7 @@
 """``sft-pipeline``: run the fine-tune flow from a recipe.
 
-    sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR]
-                     [--summary-json PATH] [--verbose]
+    sft-pipeline run [--recipe tiny|NAME|PATH.yaml] [--set section.key=value ...] [--store DIR|URL]
+                     [--cache-dir DIR] [--store-block TYPE/NAME] [--summary-json PATH] [--verbose]
     sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
     sft-pipeline plan  (same options): which stages a run would reuse or compute, and why; runs nothing
 
@@ -25,7 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field; repeatable")
     common.add_argument("--store", default=None,
-                        help="artifact store directory (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
+                        help="artifact store: a directory, or an object-store URL such as s3://bucket/prefix (any "
+                             "fsspec URL) that machines share (default: $SFT_PIPELINE_STORE or ~/.cache/sft-pipeline)")
+    common.add_argument("--cache-dir", default=None,
+                        help="with an object store: this machine's copy of it (default: $SFT_PIPELINE_CACHE or "
+                             "~/.cache/sft-pipeline/remote/<hash of the URL>)")
+    common.add_argument("--store-block", default=os.environ.get("SFT_PIPELINE_STORE_BLOCK") or None,
+                        metavar="TYPE/NAME",
+                        help="with an object store: a Prefect block holding its credentials (aws-credentials/NAME, "
+                             "minio-credentials/NAME, or s3-bucket/NAME, whose bucket and folder are then the store; "
+                             "default: $SFT_PIPELINE_STORE_BLOCK); without it the usual places are read (AWS_* "
+                             "variables, ~/.aws)")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="show every library's output (progress bars, Prefect's own lines, library warnings); "
                              "by default a run shows a start and end line per stage, training progress, retries, "
@@ -49,8 +59,15 @@ def _flow_parameters(args) -> dict:
     """The flow's parameters from --recipe (a name or a YAML path), --set and --store."""
     from sft_pipeline.config import parse_overrides
 
-    store = os.path.abspath(os.path.expanduser(args.store)) if args.store else None
+    from sft_pipeline.store import is_url
+
+    store = args.store if is_url(args.store) else os.path.abspath(os.path.expanduser(args.store)) if args.store \
+        else None
     params: dict = {"overrides": parse_overrides(args.overrides), "store": store}
+    if args.cache_dir:
+        params["cache_dir"] = os.path.abspath(os.path.expanduser(args.cache_dir))
+    if args.store_block:
+        params["store_block"] = args.store_block
     if args.recipe.endswith((".yaml", ".yml")) or "/" in args.recipe:
         params["recipe_file"] = str(os.path.abspath(os.path.expanduser(args.recipe)))
     else:
@@ -134,10 +151,8 @@ def _this_runs_summary(args) -> dict | None:
     """The summary this process wrote (``--summary-json``, else ``<store>/runs/*-<pid>.json``), or None."""
     from pathlib import Path
 
-    from sft_pipeline.store import default_store
-
     paths = [Path(args.summary_json)] if args.summary_json else sorted(
-        (Path(args.store or default_store()).expanduser() / "runs").glob(f"*-{os.getpid()}.json"))
+        (_store(args).root / "runs").glob(f"*-{os.getpid()}.json"))
     try:
         return json.loads(paths[-1].read_text()) if paths and paths[-1].is_file() else None
     except (OSError, ValueError):
@@ -176,14 +191,22 @@ def _stop_prefect() -> None:
         pass
 
 
+def _store(args):
+    """The store the arguments name (a directory, or an object store and this machine's cache of it)."""
+    from sft_pipeline.store import Store, default_store
+
+    return Store(args.store or ("" if args.store_block else default_store()), cache_dir=args.cache_dir,
+                 block=args.store_block)
+
+
 def _plan(args) -> int:
-    """Predict the run from the stage table and the store alone: no Prefect server is started."""
+    """Predict the run from the stage table and the store alone: no Prefect server is started (unless
+    ``--store-block`` names a block to read the object store's credentials from)."""
     from flows.stages import STAGES
     from sft_pipeline.config import load_config
     from sft_pipeline.plan import estimate, plan, print_plan, write_plan
-    from sft_pipeline.store import Store, default_store
 
-    cfg, store = load_config(args.recipe, args.overrides), Store(args.store or default_store())
+    cfg, store = load_config(args.recipe, args.overrides), _store(args)
     steps = plan(cfg, store, STAGES)
     est = estimate(cfg, store, steps)
     print_plan(steps, est=est)
@@ -204,11 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     quiet(args.verbose)  # before the libraries are imported: progress bars, warnings, library loggers
     from sft_pipeline import preflight
-    from sft_pipeline.store import check_paths, default_store
+    from sft_pipeline.store import check_paths
 
     try:  # fail fast, before Prefect starts: the schema, then the machine and the inputs the config names
-        check_paths(args.store, getattr(args, "summary_json", None))  # a file, read-only, someone else's dir
-        preflight.check(load_config(args.recipe, args.overrides), args.store or default_store())
+        # a file, read-only, someone else's dir; an object store's scheme, bucket and credentials (a block's in the
+        # flow, where Prefect's API is up to read it from; plan reads it here)
+        check_paths(args.store, getattr(args, "summary_json", None), cache_dir=args.cache_dir,
+                    block=args.store_block, connect=not args.store_block or args.command == "plan")
+        preflight.check(load_config(args.recipe, args.overrides), _store(args).root)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,10 +3,11 @@
 ``SFT_PIPELINE_FAULT="<stage>:<point>:<action>[,...]"``
 
 - point: ``start`` (the stage begins computing), ``write`` (its files are in the temp dir, before the manifest and
-  the rename), ``step=N`` (training, after N optimizer steps and their checkpoint, before step N+1)
-- action: ``hang`` (write ``$SFT_PIPELINE_FAULT_MARKER`` if set, then sleep until killed), ``oom`` (raise
-  ``torch.OutOfMemoryError``, a simulated CUDA out-of-memory), ``ioerror`` (a transient ``OSError``), ``error``
-  (a ``RuntimeError`` that no retry fixes)
+  the rename), ``step=N`` (training, after N optimizer steps and their checkpoint, before step N+1), ``upload``
+  (a store on object storage: the artifact's files are uploaded, its manifest not yet)
+- action: ``hang`` (write ``$SFT_PIPELINE_FAULT_MARKER`` if set, then sleep until killed), ``pause`` (write the
+  marker, then wait until the test removes it, and go on), ``oom`` (raise ``torch.OutOfMemoryError``, a simulated
+  CUDA out-of-memory), ``ioerror`` (a transient ``OSError``), ``error`` (a ``RuntimeError`` that no retry fixes)
 
 Each fault fires once per process (a retried or resumed stage gets past it).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ENV = "SFT_PIPELINE_FAULT"
 MARKER_ENV = "SFT_PIPELINE_FAULT_MARKER"
-ACTIONS = ("hang", "oom", "ioerror", "error")
+ACTIONS = ("hang", "pause", "oom", "ioerror", "error")
 _fired: set[str] = set()
 
 
@@ -43,12 +44,13 @@ def point(stage: str, where: str) -> None:
         if (f_stage, f_where) != (stage, where) or item in _fired:
             continue
         _fired.add(item)
-        if action == "hang":
+        if action in ("hang", "pause"):
             marker = os.environ.get(MARKER_ENV)
             if marker:
                 Path(marker).write_text(f"{os.getpid()} {item}\n")
-            while True:
-                time.sleep(60)
+            while action == "hang" or (marker and Path(marker).exists()):
+                time.sleep(60 if action == "hang" else 0.2)
+            return
         if action == "oom":
             import torch
 

@@ -7,7 +7,9 @@ manifest of the stage's latest earlier artifact: which config field, which upstr
 changed. Once a stage would run, the stages that read its artifact run after it (its new fingerprint is only known
 then). No Prefect server is started: secrets in Prefect Secret blocks are looked up only when ``PREFECT_API_URL``
 names a server (else a token kept only in a block shows as absent, and authenticate may run where the plan said
-reuse; it takes a second).
+reuse; it takes a second). With a store on object storage it reads the manifests and run summaries there and
+downloads no artifact (one that only the object store has shows its URL; the estimate reads the format stage's
+token ids from there).
 """
 from __future__ import annotations
 
@@ -51,32 +53,32 @@ def _config_changes(old: dict, new: dict) -> list[str]:
 def _run_history(store: Store) -> dict[tuple[str, str], str]:
     """(stage, key) -> fingerprint of every artifact a run recorded: what a deleted artifact was."""
     known: dict[tuple[str, str], str] = {}
-    for path in sorted((store.root / "runs").glob("*.json")):
-        try:
-            stages = json.loads(path.read_text()).get("stages", {})
-        except (OSError, ValueError):
-            continue
+    for record in store.run_records():
+        stages = record.get("stages", {}) if isinstance(record, dict) else {}
         for name, rec in stages.items():
             if isinstance(rec, dict) and rec.get("key") and rec.get("fingerprint"):
                 known[(name, rec["key"])] = rec["fingerprint"]
     return known
 
 
+def _only_in_object_store(path: str) -> bool:
+    """An artifact ``Store.peek`` found only in the object store: its path is the URL there."""
+    from sft_pipeline.store import is_url
+
+    return is_url(path)
+
+
 def _earlier_fingerprint(store: Store, stage: str, key: str, history: dict) -> str | None:
     try:
         return json.loads((store.artifact_dir(stage, key) / MANIFEST).read_text())["fingerprint"]
     except (OSError, ValueError, KeyError):
-        return history.get((stage, key))
+        return history.get((stage, key))  # an object store's copy, when there is one, was found by check
 
 
 def _why_new(store: Store, stage: str, parts: dict) -> str:
     """What differs from the stage's latest earlier artifact (preferring an intact one)."""
     earlier = []
-    for manifest in (store.root / stage).glob(f"*/{MANIFEST}"):
-        try:
-            m = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
+    for m in store.manifests(stage):  # with an object store: those of every machine
         if "config" not in m.get("inputs", {}):
             continue  # written by an older version of the pipeline: not comparable
         intact = store.check(stage, m.get("key", ""))[0]
@@ -112,10 +114,11 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
         parts = key_parts(stage, cfg, {n: refs[n] for n in stage.needs}, facts)
         key = stage_key(parts)
         ok, why = store.check(stage.name, key)
-        if ok:
+        ref = store.peek(stage.name, key) if ok else None  # an object store's copy is not downloaded
+        if ref is not None:
             again = [n for n in stage.needs if n in redo]
-            ref = store.ref(stage.name, key)
-            add(stage.name, "reuse", key, "finished artifact in the store" + (
+            where = "the object store" if _only_in_object_store(ref.path) else "the store"
+            add(stage.name, "reuse", key, f"finished artifact in {where}" + (
                 f" (if {' and '.join(again)} reproduces its earlier output)" if again else ""), ref.path)
             refs[stage.name] = ref
             continue
@@ -140,9 +143,8 @@ def _measured_rate(cfg, store: Store) -> tuple[float, str] | None:
     """tok/s of the newest train artifact in this store with the same base model and device."""
     facts = Facts(cfg, blocks=False, store=store)
     found = []
-    for manifest in (store.root / "train").glob(f"*/{MANIFEST}"):
+    for m in store.manifests("train"):
         try:
-            m = json.loads(manifest.read_text())
             same = m["inputs"]["config"]["model"]["fingerprint"] == facts.model and \
                 m["inputs"]["config"]["training"]["device"] == cfg.training.device
             rate = m["metrics"].get("tokens_per_second_warm") or m["metrics"].get("tokens_per_second")
@@ -159,7 +161,17 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
     fmt = next((s for s in steps if s["stage"] == "format" and s["decision"] == "reuse"), None)
     if fmt is None:
         return None
-    tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / f"{cfg.data.train_split}.parquet")
+    name = f"{cfg.data.train_split}.parquet"
+    if _only_in_object_store(fmt["artifact"]):  # its one file fetched into the cache's .tmp, then removed
+        tmp = store.root / ".tmp" / f"plan-{os.getpid()}-{name}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.remote.fs.get(store.remote.path(f"format/{fmt['key']}/{name}"), str(tmp))
+            tokens = planned_tokens(cfg.training, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / name)
     rate = _measured_rate(cfg, store)
     if rate is None:
         from sft_pipeline.preflight import model_config, parameter_count

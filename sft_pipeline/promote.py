@@ -5,12 +5,14 @@ the held-out split by ``evaluation.promotion_margin`` and the run did not diverg
 compared with the promoted adapter's: the pointer moves only when both were evaluated on the same test set (the
 tokenized test split's content hash and the number of rows scored) and the new loss is lower; otherwise it stays
 and ``reason`` says why. The pointer is replaced atomically (temp file + ``os.replace``) under a file lock, so a
-reader never sees half a pointer and two runs finishing at once cannot lose the better one. The adapter path in
-the pointer is relative to the store, so a store that is moved or mounted elsewhere keeps its pointer; a pointer
-that cannot be read is moved aside (named in the reason) instead of failing every later run.
+reader never sees half a pointer and two runs finishing at once cannot lose the better one; with a store on
+object storage, the store's copy is fetched and replaced under a lease there too (``Store.lock``), across machines.
+The adapter path in the pointer is relative to the store, so a store that is moved or mounted elsewhere keeps its
+pointer; a pointer that cannot be read is moved aside (named in the reason) instead of failing every later run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -103,7 +105,7 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
     by = f" (promoted by flow run {current['flow_run']})" if current.get("flow_run") else ""
     if Path(current["adapter"]) == adapter_dir(store, candidate["adapter"]):
         return False, f"this run's adapter is already the promoted one{by}"
-    if not Path(current["adapter"]).is_dir():
+    if not store.exists(current["adapter"]):  # with an object store: there, when not here
         return True, (f"this run's adapter is promoted: the promoted adapter {current['adapter']} is gone from the "
                       f"store (deleted or moved), so it cannot be compared; this one (tuned eval loss {loss:.4f}, "
                       f"beating its base) replaces it")
@@ -134,15 +136,25 @@ def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactR
                  "flow_run": flow_run, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = pointer_path(store, recipe)
     moved_aside: list[str] = []
-    with file_lock(path.parent / ".lock"):
+    unsent = None
+    # with an object store, its copy of the pointer is the one: fetched and replaced under a lease there too
+    with file_lock(path.parent / ".lock"), \
+            store.lock("promoted", recipe) if store.remote is not None else contextlib.nullcontext():
+        store.pull(path)
         current = read_pointer(store, recipe, moved_aside)
         refused = _worth_having(candidate, margin, why_diverged)
         promoted, reason = (False, refused) if refused else _decide(store, current, candidate)
         if promoted:
             write_json_atomic(path, candidate)
+        if promoted or moved_aside:
+            unsent = store.push(path, quiet=False)
     if moved_aside:
         reason += f" (the old pointer could not be read and was moved aside to {moved_aside[0]})"
-    return {"promoted": promoted, "reason": reason, "pointer": str(path), "eval_loss": candidate["eval_loss"],
+    if unsent:
+        log.warning("the promotion pointer is not in the object store: %s", unsent)
+        reason += f" (but the pointer could not be uploaded to the object store: {unsent})"
+    return {"promoted": promoted, "reason": reason, "pointer": store.location_of(path),
+            "eval_loss": candidate["eval_loss"],
             "test_set": candidate["test_set"], "previous": current, "diverged": why_diverged,
             "promoted_adapter": str(adapter_dir(store, candidate["adapter"])) if promoted
             else (current or {}).get("adapter")}

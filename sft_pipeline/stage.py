@@ -169,6 +169,11 @@ class StageContext:
         """Scratch space that survives a crash (training checkpoints): ``<store>/.work/<stage>/<key>``."""
         return self.store.work_dir(self.stage, self.key)
 
+    def flush_work(self) -> bool:
+        """Upload this stage's sealed checkpoints to the object store now (nothing for a local store); True when all
+        are there. The end of a stage that raised does it anyway; for code that seals one on its way out."""
+        return self.store.flush_work(self.stage, self.key)
+
     @cached_property
     def device(self) -> str:
         """Where models run (``training.device`` resolved): the same for every stage of a run."""
@@ -228,8 +233,11 @@ def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], f
             log: logging.Logger | logging.LoggerAdapter, run_label: str | None = None) -> tuple[ArtifactRef, bool]:
     """Reuse the stage's finished artifact or compute it; returns (artifact, reused).
 
-    Under the key's lock (``Store.lock``, released by the kernel even when its holder is SIGKILLed): a second run
-    with the same key waits here, then finds the artifact and reuses it.
+    Under the key's lock (``Store.lock``, released by the kernel even when its holder is SIGKILLed; with an object
+    store also a lease there, which expires when its holder stops renewing it): a second run with the same key
+    waits here, then finds the artifact and reuses it. With an object store, an artifact this machine lacks is
+    downloaded (and the task still shows Cached), a stage's checkpoints are mirrored while it runs
+    (``Store.mirror_work``), and its artifact is uploaded, manifest last, before the lock is let go.
     """
     from sft_pipeline import faults
 
@@ -239,18 +247,29 @@ def execute(stage: Stage, cfg, store: Store, upstream: dict[str, ArtifactRef], f
     def waiting(holder: str) -> None:
         log.info("%s: waiting for %s, which is computing %s", stage.name, holder, key)
 
+    if store.remote is not None:  # a finished artifact never changes: reused without taking the lease
+        with _package_logs_to(log):
+            ref = store.ref(stage.name, key)  # downloaded when only the object store has it
+            if ref is not None and store.synced(stage.name, key):
+                log.info("%s: reusing the finished artifact %s", stage.name, ref.path)
+                return ref, True
     with store.lock(stage.name, key, on_wait=waiting):
-        ref = store.ref(stage.name, key)
-        if ref is not None:
-            log.info("%s: reusing the finished artifact %s", stage.name, ref.path)
-            return ref, True
+        with _package_logs_to(log):
+            ref = store.ref(stage.name, key)
+            if ref is not None:
+                if not store.synced(stage.name, key):  # an upload that failed in an earlier run
+                    store.upload(stage.name, key)
+                log.info("%s: reusing the finished artifact %s", stage.name, ref.path)
+                return ref, True
         log.info("%s: computing %s", stage.name, key)  # the stage's start line (reuse says "reusing" above)
         faults.point(stage.name, "start")
         metrics: dict = {}
         allowed = frozenset(n for n in stage.keyed + stage.reads if n not in ("secrets",))
-        with store.write(stage.name, key, inputs=parts, metrics=metrics) as tmp, _package_logs_to(log):
+        with _package_logs_to(log), store.write(stage.name, key, inputs=parts, metrics=metrics) as tmp, \
+                store.mirror_work(stage.name, key, log):
             ctx = StageContext(stage=stage.name, key=key, cfg=ConfigView(cfg, allowed, stage.name),
                                upstream={n: upstream[n] for n in stage.needs}, out=tmp, store=store, log=log,
                                run_label=run_label, key_parts=parts, _config=cfg)
             metrics.update(stage.run(ctx) or {})
+        store.drop_work(stage.name, key)  # its checkpoints in the object store: the artifact is there now
     return store.ref(stage.name, key), False

@@ -495,16 +495,45 @@ def test_gpu_deployment_renders_a_kubernetes_job(prefect):
     (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 == container["resources"]["requests"]["nvidia.com/gpu"]
     assert container["image"] == "sft-pipeline:gpu" and container["resources"]["requests"]["memory"] == "48Gi"
-    assert {"name": "SFT_PIPELINE_STORE", "value": "/mnt/sft-store"} in container["env"]
+    assert _k8s_env(container)["SFT_PIPELINE_STORE"] == "/mnt/sft-store"
     assert {"name": "sft-store", "mountPath": "/mnt/sft-store"} in container["volumeMounts"]
     assert {"name": "sft-store", "persistentVolumeClaim": {"claimName": "sft-store"}} in pod["spec"]["volumes"]
     assert pod["metadata"]["labels"]["sft-pipeline/recipe"] == dep["parameters"]["recipe"]
     assert json.loads(pod["metadata"]["annotations"]["sft-pipeline/overrides"]) == dep["parameters"]["overrides"]
 
-    pod = asyncio.run(render({**dep["job_variables"], "gpu_count": 2, "store_claim": "team-store",
-                              "store_mount_path": "/data", "recipe": "zephyr-7b-qlora"}))
+    pod = asyncio.run(render({**dep["job_variables"], "gpu_count": 2, "store_mount_path": "/data",
+                              "store_volume": {"name": "sft-store",
+                                               "persistentVolumeClaim": {"claimName": "team-store"}},
+                              "recipe": "zephyr-7b-qlora"}))
     (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert {"name": "SFT_PIPELINE_STORE", "value": "/data"} in container["env"]
+    assert _k8s_env(container)["SFT_PIPELINE_STORE"] == "/data"  # the store follows the mount
     assert {"name": "sft-store", "persistentVolumeClaim": {"claimName": "team-store"}} in pod["spec"]["volumes"]
     assert pod["metadata"]["labels"]["sft-pipeline/recipe"] == "zephyr-7b-qlora"
+
+    # on an object store: no claim at all, the URL and a Secret with the credentials; the pod's disk is the cache
+    pod = asyncio.run(render({**dep["job_variables"], "store": "s3://team-bucket/sft",
+                              "store_volume": {"name": "sft-store", "emptyDir": {}},
+                              "store_credentials_secret": "aws-sft"}))
+    (container,) = pod["spec"]["containers"]
+    assert not any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"])
+    assert {"name": "sft-store", "emptyDir": {}} in pod["spec"]["volumes"]
+    assert {"secretRef": {"name": "aws-sft", "optional": True}} in container["envFrom"]
+    env = _k8s_env(container)
+    assert env["SFT_PIPELINE_STORE"] == "s3://team-bucket/sft" and env["SFT_PIPELINE_CACHE"] == "/mnt/sft-store/cache"
+    from sft_pipeline.store import Store, default_store  # what the flow makes of that environment
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        st = Store(default_store())
+        assert st.remote is not None and st.location == "s3://team-bucket/sft"
+        assert str(st.root) == "/mnt/sft-store/cache"
+
+
+def _k8s_env(container: dict) -> dict[str, str]:
+    """The container's environment as Kubernetes sets it: ``$(NAME)`` expands to an earlier variable's value."""
+    env: dict[str, str] = {}
+    for e in container["env"]:
+        env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), e.get("value", ""))
+    return env
