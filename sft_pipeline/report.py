@@ -77,18 +77,19 @@ def benchmark_png(rows: list[dict]) -> bytes:
     if not rows:
         ax.text(0.5, 0.5, "no benchmark was scored", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_axis_off()
-    for offset, model, color in ((0.2, "base", "tab:gray"), (-0.2, "tuned", "tab:blue")):
+    for offset, model, color in ((-0.2, "base", "tab:gray"), (0.2, "tuned", "tab:blue")):  # base above tuned
         values = [100 * r[model] for r in rows]
         errors = [[100 * (r[model] - r[f"{model}_ci"][0]) for r in rows],
                   [100 * (r[f"{model}_ci"][1] - r[model]) for r in rows]]
         if rows:
-            ax.barh([i + offset for i in range(len(rows))], values, height=0.38, xerr=errors, color=color,
-                    label=model, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+            bars = ax.barh([i + offset for i in range(len(rows))], values, height=0.38, xerr=errors, color=color,
+                           label=model, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+            ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=7)
     if rows:
         ax.set_yticks(range(len(rows)), [f"{r['benchmark']}: {r['label']}" for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("score, % (higher is better; bars: 95 % interval)")
+        ax.set_xlabel("score, % (higher is better; whiskers: 95 % interval)")
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     ax.set_title("Benchmarks: base vs tuned")
