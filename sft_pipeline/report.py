@@ -79,8 +79,8 @@ def benchmark_png(rows: list[dict]) -> bytes:
         ax.set_axis_off()
     for offset, model, color in ((-0.2, "base", "tab:gray"), (0.2, "tuned", "tab:blue")):  # base above tuned
         values = [100 * r[model] for r in rows]
-        errors = [[100 * (r[model] - r[f"{model}_ci"][0]) for r in rows],
-                  [100 * (r[f"{model}_ci"][1] - r[model]) for r in rows]]
+        errors = [[max(0.0, 100 * (r[model] - r[f"{model}_ci"][0])) for r in rows],
+                  [max(0.0, 100 * (r[f"{model}_ci"][1] - r[model])) for r in rows]]
         if rows:
             bars = ax.barh([i + offset for i in range(len(rows))], values, height=0.38, xerr=errors, color=color,
                            label=model, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})

@@ -81,6 +81,8 @@ def test_wilson_intervals():
     assert stats.wilson(7, 10) == (pytest.approx(1 - high), pytest.approx(1 - low))  # symmetric
     low, high = stats.wilson(500, 1000)
     assert high - 0.5 == pytest.approx(0.5 - low) == pytest.approx(0.031, abs=0.001)  # the normal one, at large n
+    for n in range(1, 40):  # the interval holds the score, also at 0 and 1 (where rounding could cut it)
+        assert stats.wilson(0, n)[0] == 0.0 and stats.wilson(n, n)[1] == 1.0
     assert stats.score([1, 0, 1, 1])["interval"] == "wilson"
     mean = stats.score([0.5, 0.25, 0.75])
     assert mean["interval"] == "normal" and mean["value"] == 0.5 and mean["ci"][0] < 0.5 < mean["ci"][1]

@@ -152,6 +152,8 @@ def test_the_report_has_the_benchmarks_table_notes_and_chart():
     png = report.benchmark_png(BENCH["rows"])
     assert png_size(png)[0] == 700
     assert png_size(report.benchmark_png([]))[0] == 700  # no rows: a picture that says so
+    perfect = {**BENCH["rows"][0], "tuned": 1.0, "tuned_ci": [0.8, 0.9999999999999999]}  # an older rounding
+    assert png_size(report.benchmark_png([perfect]))[0] == 700
     page = report.markdown({**SUMMARY, "benchmark": BENCH}, None, None, png)
     assert "| ifbench | **prompt-level strict** | 32 prompts | 12.5 % | 18.8 % | +6.2 points | " \
            "5.0 %-28.1 %; 8.9 %-35.3 % |" in page

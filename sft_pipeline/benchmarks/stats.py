@@ -20,7 +20,8 @@ def wilson(passed: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     denominator = 1 + z * z / n
-    return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
+    # the interval holds p; at p = 0 or 1 rounding would put its end a hair inside
+    return max(0.0, min(p, (centre - spread) / denominator)), min(1.0, max(p, (centre + spread) / denominator))
 
 
 def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
