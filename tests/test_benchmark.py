@@ -159,6 +159,7 @@ def bench_run(tiny_run):
     return store, summary, proc
 
 
+@pytest.mark.slow  # 434 s here at load ~2-8 with the shared tiny run it waits for (bench_run's own flow: ~1 min)
 def test_base_and_tuned_scores_reach_the_summary_the_report_and_metrics_json(bench_run):
     store, summary, proc = bench_run
     states = {name: s["state"] for name, s in summary["stages"].items()}
