@@ -1,6 +1,6 @@
-"""The fine-tune as one Prefect flow: the seven stages of ``flows/stages.py``, top to bottom, then promotion.
+"""The fine-tune as one Prefect flow: the stages of ``flows/stages.py``, top to bottom, then promotion.
 
-    authenticate → data → format → train → evaluate → save_adapter → generate
+    authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
 
 Each stage runs as a Prefect task (the UI's graph, retries of transient failures, logs). Whether it computes or
 reuses is decided by the artifact store alone (``sft_pipeline/stage.py``): a finished artifact under the stage's key
@@ -142,7 +142,9 @@ def publish(summary: dict, refs: dict[str, ArtifactRef]) -> None:
     recipe, train, history = summary["recipe"], refs.get("train"), _history(refs)
     checked = summary.get("health") or (health.check(history, summary.get("eval")) if history else None)
     png = train.file("loss.png").read_bytes() if train and train.file("loss.png").is_file() else None
-    create_markdown_artifact(report.markdown(summary, checked, png), key=_artifact_key("report", recipe),
+    bench = refs.get("benchmark")
+    bench_png = bench.file("benchmark.png").read_bytes() if bench and bench.file("benchmark.png").is_file() else None
+    create_markdown_artifact(report.markdown(summary, checked, png, bench_png), key=_artifact_key("report", recipe),
                              description=f"Fine-tune {recipe}: {summary['status']}")
     if history:
         create_table_artifact(report.loss_rows(history), key=_artifact_key("loss", recipe),
@@ -190,7 +192,7 @@ def fail_cleanly(fn):
 def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None = None, store: str | None = None,
         summary_json: str | None = None, recipe_file: str | None = None, cache_dir: str | None = None,
         store_block: str | None = None) -> dict:
-    """Fine-tune a causal LM with QLoRA: seven cached stages, then promote the adapter if it is the best so far.
+    """Fine-tune a causal LM with QLoRA: eight cached stages, then promote the adapter if it is the best so far.
 
     Args:
         recipe: a built-in recipe: tiny (offline CPU demo), mistral-7b-qlora (the seed notebook), zephyr-7b-qlora.
@@ -214,16 +216,18 @@ def sft(recipe: RecipeName = "tiny", overrides: dict[str, OverrideValue] | None 
     preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
-    for stage in STAGES:  # authenticate → data → format → train → evaluate → save_adapter → generate
+    for stage in STAGES:  # authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
         refs[stage.name] = record.run(stage, facts, refs)
 
     metrics, adapter = refs["evaluate"], refs["save_adapter"]
     eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")
     checked = health.check(_history(refs), eval_metrics)
+    bench = refs["benchmark"].read_json("metrics.json")
     promotion = promote.consider(st, cfg.recipe, adapter=adapter, metrics=metrics, chats=refs["format"],
                                  test_split=cfg.data.test_split, flow_run=flow_run.get_id(),
-                                 margin=cfg.evaluation.promotion_margin, checked=checked)
-    summary = record.write(status="Completed", eval=eval_metrics, adapter=adapter.path,
+                                 margin=cfg.evaluation.promotion_margin, checked=checked,
+                                 benchmarks=bench["rows"], max_regression=cfg.benchmark.max_regression)
+    summary = record.write(status="Completed", eval=eval_metrics, benchmark=bench, adapter=adapter.path,
                            samples=refs["generate"].file("samples.json").as_posix(), train=train_metrics,
                            promotion=promotion, health=checked,
                            **({"wandb": train_metrics["wandb"]} if "wandb" in train_metrics else {}))

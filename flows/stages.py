@@ -12,7 +12,7 @@ read this table, so they cannot drift apart. Per row:
   runs (``tasks/train.py``'s ``CODE``, comments and docstrings left out): editing that code retrains.
 
 Changing a field re-runs the first stage that keys on it and every stage after it that reads its artifact: e.g.
-``lora.r`` → train, evaluate, save_adapter, generate; ``format.max_length`` → format onwards.
+``lora.r`` → train, evaluate, benchmark, save_adapter, generate; ``format.max_length`` → format onwards.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sft_pipeline import chat_data, synthetic
 from sft_pipeline.models import ZEPHYR_TEMPLATE
 from sft_pipeline.source_hash import source_hash
 from sft_pipeline.stage import Stage
-from tasks import authenticate, data, evaluate, format, generate, save_adapter, train
+from tasks import authenticate, benchmark, data, evaluate, format, generate, save_adapter, train
 
 STAGES: tuple[Stage, ...] = (
     Stage("authenticate", authenticate.run,
@@ -43,6 +43,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", evaluate.run, needs=("format", "train"),
           keyed=("model", "quantization", "evaluation", "data.test_split"),
           code=(evaluate.VERSION,)),
+    # benchmark.sources: the benchmarks' package versions and local task files' content; the promotion gate's
+    # max_regression is the flow's, not part of this output
+    Stage("benchmark", benchmark.run, needs=("format", "train"),
+          keyed=("model", "quantization", "benchmark", "benchmark.sources"),
+          reads=("benchmark.max_regression", "tracking"),
+          code=(benchmark.VERSION,)),
     Stage("save_adapter", save_adapter.run, needs=("format", "train", "evaluate"),
           keyed=("model", "quantization", "data.dataset", "recipe"),
           code=(save_adapter.VERSION,)),

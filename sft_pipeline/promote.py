@@ -1,7 +1,8 @@
 """Promotion: point ``<store>/promoted/<recipe>.json`` at the best adapter so far.
 
 At the end of every run the adapter must first be worth having: its tuned eval loss beats its own base model's on
-the held-out split by ``evaluation.promotion_margin`` and the run did not diverge (``health.check``). Then it is
+the held-out split by ``evaluation.promotion_margin``, the run did not diverge (``health.check``), and no benchmark
+the recipe lists dropped by more than ``benchmark.max_regression`` (tuned vs base, its main score). Then it is
 compared with the promoted adapter's: the pointer moves only when both were evaluated on the same test set (the
 tokenized test split's content hash and the number of rows scored) and the new loss is lower; otherwise it stays
 and ``reason`` says why. The pointer is replaced atomically (temp file + ``os.replace``) under a file lock, so a
@@ -26,6 +27,7 @@ from sft_pipeline.store import ArtifactRef, Store, digest, file_lock, write_json
 
 log = logging.getLogger("sft_pipeline.promote")
 DEFAULT_MARGIN = 0.01  # evaluation.promotion_margin's default
+DEFAULT_MAX_REGRESSION = 0.05  # benchmark.max_regression's default
 
 
 def pointer_path(store: Store, recipe: str) -> Path:
@@ -82,7 +84,21 @@ def test_set_fingerprint(store: Store, chats: ArtifactRef, test_split: str, rows
     return digest({"test_split": meta["sha256"] or [chats.fingerprint, meta["size"]], "rows": rows})
 
 
-def _worth_having(candidate: dict, margin: float, why_diverged: str | None) -> str | None:
+def regressions(rows: list[dict], max_regression: float) -> list[dict]:
+    """The benchmarks whose main score (a ``primary`` row of the benchmark stage) the tuned model lowered by more than
+    ``max_regression`` (a share: 0.05 = 5 points) against its base."""
+    return [r for r in rows if r.get("primary") and r["delta"] < -max_regression - 1e-9]  # float noise: not "more"
+
+
+def _regression_reason(worse: list[dict], max_regression: float) -> str:
+    said = "; ".join(f"{r['benchmark']} {r['label']} {100 * r['base']:.1f} % -> {100 * r['tuned']:.1f} % "
+                     f"({100 * r['delta']:+.1f} points)" for r in worse)
+    return (f"the tuned model regressed {'a benchmark' if len(worse) == 1 else f'{len(worse)} benchmarks'} by more "
+            f"than benchmark.max_regression={max_regression:g} ({100 * max_regression:g} points): {said}: not promoted")
+
+
+def _worth_having(candidate: dict, margin: float, why_diverged: str | None, worse: list[dict] | None = None,
+                  max_regression: float = 0.0) -> str | None:
     """Why this adapter may not be promoted whatever the pointer says, or None."""
     loss, base = candidate["eval_loss"], candidate["base_eval_loss"]
     if not math.isfinite(loss):
@@ -94,6 +110,8 @@ def _worth_having(candidate: dict, margin: float, why_diverged: str | None) -> s
     if loss > base * (1 - margin):
         return (f"tuned eval loss {loss:.4f} does not beat the base model's {base:.4f} by "
                 f"evaluation.promotion_margin={margin:g}: not promoted")
+    if worse:
+        return _regression_reason(worse, max_regression)
     return None
 
 
@@ -121,12 +139,15 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
 
 
 def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
-             test_split: str, checked: dict, flow_run: str | None = None, margin: float = DEFAULT_MARGIN) -> dict:
-    """Promote ``adapter`` if it beats its base by ``margin``, did not diverge and beats the promoted one for
-    ``recipe``; returns the decision for the summary.
+             test_split: str, checked: dict, flow_run: str | None = None, margin: float = DEFAULT_MARGIN,
+             benchmarks: list[dict] | None = None, max_regression: float = DEFAULT_MAX_REGRESSION) -> dict:
+    """Promote ``adapter`` if it beats its base by ``margin``, did not diverge, regressed no benchmark by more than
+    ``max_regression`` and beats the promoted one for ``recipe``; returns the decision for the summary.
 
     ``checked``: the loss-curve health check's result (``health.check``; the flow reports it too): a run it calls
     diverged is never promoted. The result's ``diverged`` is that reason, or None: the flow shows it as a warning.
+    ``benchmarks``: the benchmark stage's rows (base vs tuned per score); the result's ``regressions`` lists those
+    that block promotion.
     """
     m = metrics.read_json("metrics.json")
     why_diverged = checked["diverged_reason"]
@@ -134,6 +155,11 @@ def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactR
                  "eval_loss": m["tuned"]["eval_loss"], "base_eval_loss": m["base"]["eval_loss"],
                  "test_set": test_set_fingerprint(store, chats, test_split, m["rows"]),
                  "flow_run": flow_run, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    main_scores = [r for r in benchmarks or [] if r.get("primary")]
+    if main_scores:
+        candidate["benchmarks"] = {r["benchmark"]: {"score": r["metric"], "base": r["base"], "tuned": r["tuned"]}
+                                   for r in main_scores}
+    worse = regressions(main_scores, max_regression)
     path = pointer_path(store, recipe)
     moved_aside: list[str] = []
     unsent = None
@@ -142,7 +168,7 @@ def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactR
             store.lock("promoted", recipe) if store.remote is not None else contextlib.nullcontext():
         store.pull(path)
         current = read_pointer(store, recipe, moved_aside)
-        refused = _worth_having(candidate, margin, why_diverged)
+        refused = _worth_having(candidate, margin, why_diverged, worse, max_regression)
         promoted, reason = (False, refused) if refused else _decide(store, current, candidate)
         if promoted:
             write_json_atomic(path, candidate)
@@ -156,5 +182,6 @@ def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactR
     return {"promoted": promoted, "reason": reason, "pointer": store.location_of(path),
             "eval_loss": candidate["eval_loss"],
             "test_set": candidate["test_set"], "previous": current, "diverged": why_diverged,
+            "regressions": [{k: r[k] for k in ("benchmark", "metric", "base", "tuned", "delta")} for r in worse],
             "promoted_adapter": str(adapter_dir(store, candidate["adapter"])) if promoted
             else (current or {}).get("adapter")}

@@ -65,6 +65,40 @@ def loss_png(log_history: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def benchmark_png(rows: list[dict]) -> bytes:
+    """Base vs tuned per benchmark score (``tasks/benchmark.rows``) as horizontal bars with their 95 % intervals, in
+    percent; ~700 px wide, taller with more rows (none included)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, max(2.0, 1.2 + 0.55 * len(rows))), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if not rows:
+        ax.text(0.5, 0.5, "no benchmark was scored", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_axis_off()
+    for offset, model, color in ((-0.2, "base", "tab:gray"), (0.2, "tuned", "tab:blue")):  # base above tuned
+        values = [100 * r[model] for r in rows]
+        errors = [[max(0.0, 100 * (r[model] - r[f"{model}_ci"][0])) for r in rows],
+                  [max(0.0, 100 * (r[f"{model}_ci"][1] - r[model])) for r in rows]]
+        if rows:
+            bars = ax.barh([i + offset for i in range(len(rows))], values, height=0.38, xerr=errors, color=color,
+                           label=model, capsize=3, error_kw={"elinewidth": 1, "ecolor": "black"})
+            ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=7)
+    if rows:
+        ax.set_yticks(range(len(rows)), [f"{r['benchmark']}: {r['label']}" for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("score, % (higher is better; whiskers: 95 % interval)")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Benchmarks: base vs tuned")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 # ---- formatting ------------------------------------------------------------------------------------------------
 
 def _num(x) -> str:
@@ -128,6 +162,56 @@ def _eval_section(ev: dict) -> list[str]:
     return lines
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _benchmark_section(bm: dict, png: bytes | None) -> list[str]:
+    """The benchmark stage's scores: a table base vs tuned with items and intervals, what was left out, the chart."""
+    rows, settings = bm.get("rows") or [], bm.get("settings") or {}
+    if not rows:
+        return ["## Benchmarks", "", "No benchmark was scored (`benchmark.tasks` is empty)."]
+    lines = ["## Benchmarks: base vs tuned", "",
+             "| benchmark | score | items | base | tuned | tuned - base | 95 % interval: base; tuned |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        score = f"**{r['label']}**" if r.get("primary") else r["label"]
+        lines.append(f"| {_cell(r['benchmark'])} | {_cell(score)} | {r['items']:,} {r.get('unit', 'items')} | "
+                     f"{_pct(r['base'])} | {_pct(r['tuned'])} | {100 * r['delta']:+.1f} points | "
+                     f"{_pct(r['base_ci'][0])}-{_pct(r['base_ci'][1])}; {_pct(r['tuned_ci'][0])}-"
+                     f"{_pct(r['tuned_ci'][1])} |")
+    limit = settings.get("limit")
+    lines += ["", f"The bold score of each benchmark is the one promotion compares (`benchmark.max_regression`). "
+                  f"Intervals: Wilson's 95 % score interval over the items (a normal one for a score that is not "
+                  f"pass/fail). Replies: greedy, at most {settings.get('max_new_tokens', '?')} new tokens"
+                  + (f"; the first {limit} items of each benchmark (`benchmark.limit`)" if limit else "") + "."]
+    if bm.get("random_weights"):
+        lines += ["", "*The base model has random weights: its replies, and so these scores, are noise.*"]
+    for name, b in (bm.get("benchmarks") or {}).items():
+        notes = []
+        if "scorable" in b:
+            notes.append(f"{b['items']} of its {b['scorable']} scorable prompts scored")
+        if b.get("excluded_prompts"):
+            needs = sorted(set(b["excluded_instructions"].values()))
+            notes.append(f"{b['excluded_prompts']} of its {b['total']} prompts excluded: their instructions "
+                         f"({', '.join(b['excluded_instructions'])}) need NLTK data ({', '.join(needs)}) that no "
+                         "PyPI package ships")
+        if "cut_short" in b.get("tuned", {}):
+            notes.append(f"replies cut short at the token cap: base {b['base']['cut_short']:.0%}, tuned "
+                         f"{b['tuned']['cut_short']:.0%}")
+        if b.get("base_kept_from"):
+            notes.append(f"the base model's scores kept from {utc_minute(b['base_kept_from'])} (same base model, "
+                         "settings and tokenizer: not scored again)")
+        if notes:
+            lines += ["", f"- {name}: " + "; ".join(notes) + "."]
+    if wb := bm.get("wandb"):
+        lines += ["", f"W&B benchmark run: [{wb['url']}]({wb['url']})" if wb.get("url") else
+                  f"W&B benchmark run logged offline; upload it with `{wb.get('sync_command')}`"]
+    if png:
+        lines += ["", f"![benchmarks](data:image/png;base64,{base64.b64encode(png).decode()})"]
+    return lines
+
+
 def _train_section(tr: dict) -> list[str]:
     lines = []
     if "tokens_per_second" in tr:
@@ -178,7 +262,7 @@ def _how_it_ran(tr: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(summary: dict, health: dict | None, png: bytes | None) -> str:
+def markdown(summary: dict, health: dict | None, png: bytes | None, bench_png: bytes | None = None) -> str:
     """The run report as markdown; any part the summary lacks (a failed run has no eval) is left out."""
     title = f"# Fine-tune `{summary.get('recipe', '?')}`: {summary.get('status', 'unknown')}"
     out = [title, ""]
@@ -189,6 +273,8 @@ def markdown(summary: dict, health: dict | None, png: bytes | None) -> str:
         out += [*_stage_table(summary["stages"]), ""]
     if summary.get("eval"):
         out += [*_eval_section(summary["eval"]), ""]
+    if summary.get("benchmark"):
+        out += [*_benchmark_section(summary["benchmark"], bench_png), ""]
     if summary.get("train"):
         out += [*_train_section(summary["train"]), ""]
     if summary.get("adapter"):

@@ -298,7 +298,7 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     assert any(m.startswith("estimate:") for m in lines) and any(m.startswith("training settings:") for m in lines)
 
     again = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
-    assert states(summary_of(store, again)) == ["Cached"] * 7
+    assert states(summary_of(store, again)) == ["Cached"] * len(STAGES)
     report_again = next(a for a in _artifacts(server, again["id"]) if a["key"] == "sft-report-tiny")
     assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in report_again["data"]
 
@@ -362,7 +362,7 @@ def test_scheduled_run_with_unchanged_inputs_is_all_cached(prefect):
     run = completed(server, server.wait_final(runs[0]["id"], timeout=600))
     assert run["auto_scheduled"] and run["parameters"] == {"recipe": "tiny", "overrides": {}}
     summary = summary_of(store, run)
-    assert states(summary) == ["Cached"] * 7
+    assert states(summary) == ["Cached"] * len(STAGES)
     assert sum(s["seconds"] for s in summary["stages"].values()) < 30, summary["stages"]
     assert not summary["promotion"]["promoted"]  # the same adapter as the tiny run: nothing to promote
 
@@ -394,7 +394,7 @@ def test_new_local_data_retrains_from_the_data_stage(prefect, tmp_path):
     pointer = (store / "promoted" / "tiny.json").read_text()
 
     first = summary_of(store, completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={overrides}")))
-    assert states(first) == ["Completed"] * 7
+    assert states(first) == ["Completed"] * len(STAGES)
     assert not first["promotion"]["promoted"] and "not comparable" in first["promotion"]["reason"]
 
     _write_local_chats(data, train_seed=2)  # same file names and config, new content
@@ -460,7 +460,7 @@ def test_serve_makes_a_deployment_that_runs(prefect):
         assert dep["parameters"] == {"recipe": "tiny", "overrides": {}, "store": str(store)}
         run = server.run_deployment("sft-pipeline/served")
         assert run["state"]["type"] == "COMPLETED", (server.home / "serve.log").read_text()[-4000:]
-        assert states(summary_of(store, run)) == ["Cached"] * 7
+        assert states(summary_of(store, run)) == ["Cached"] * len(STAGES)
     finally:
         server.stop(proc)
     assert proc.poll() is not None

@@ -273,19 +273,47 @@ PROMOTION_CASES = [
     ("base loss inf", math.inf, 3.0, FALLING, 0.01, False, False, "no baseline to beat"),
     ("beats its base by the margin", 10.0, 9.8, FALLING, 0.01, True, False, "first adapter promoted"),
     ("no margin asked", 10.0, 9.99, FALLING, 0.0, True, False, "first adapter promoted"),
+    # ... and the benchmark stage's main scores (base, tuned) -> benchmark.max_regression (a share: 0.05 = 5 points)
+    ("a benchmark regressed", 10.0, 9.0, FALLING, 0.01, False, False, "the tuned model regressed a benchmark by more "
+     "than benchmark.max_regression=0.05 (5 points): ifbench prompt-level strict 30.0 % -> 20.0 % (-10.0 points)",
+     {"ifbench": (0.30, 0.20)}, 0.05),
+    ("two benchmarks regressed", 10.0, 9.0, FALLING, 0.01, False, False, "regressed 2 benchmarks by more than "
+     "benchmark.max_regression=0.02 (2 points): ifbench prompt-level strict 30.0 % -> 27.0 % (-3.0 points); arc_easy",
+     {"ifbench": (0.30, 0.27), "arc_easy": (0.60, 0.50)}, 0.02),
+    ("a regression within max_regression", 10.0, 9.0, FALLING, 0.01, True, False, "first adapter promoted",
+     {"ifbench": (0.30, 0.25)}, 0.05),  # exactly 5 points: not more than
+    ("a benchmark improved", 10.0, 9.0, FALLING, 0.01, True, False, "first adapter promoted",
+     {"ifbench": (0.30, 0.60)}, 0.0),
+    ("the loss decides first", 10.0, 10.0, FALLING, 0.01, False, False, "evaluation.promotion_margin",
+     {"ifbench": (0.30, 0.0)}, 0.05),
 ]
 
 
-@pytest.mark.parametrize("base, tuned, history, margin, promoted, diverged, reason", [c[1:] for c in PROMOTION_CASES],
+def _main_scores(benchmarks: dict | None) -> list[dict]:
+    """The benchmark stage's rows for ``{benchmark: (base, tuned)}``: one main score each, and a score that is not
+    main and regressed (never a reason)."""
+    rows = []
+    for name, (base, tuned) in (benchmarks or {}).items():
+        rows.append({"benchmark": name, "metric": "prompt_strict", "label": "prompt-level strict", "primary": True,
+                     "base": base, "tuned": tuned, "delta": tuned - base})
+        rows.append({"benchmark": name, "metric": "other", "label": "other", "primary": False, "base": 1.0,
+                     "tuned": 0.0, "delta": -1.0})
+    return rows
+
+
+@pytest.mark.parametrize("base, tuned, history, margin, promoted, diverged, reason, benchmarks, max_regression",
+                         [(*c[1:], *(None, 0.05)[len(c) - 8:]) for c in PROMOTION_CASES],
                          ids=[c[0] for c in PROMOTION_CASES])
 def test_only_an_adapter_that_beats_its_base_is_promoted(base, tuned, history, margin, promoted, diverged, reason,
-                                                         tmp_path):
+                                                         benchmarks, max_regression, tmp_path):
     st = Store(tmp_path)
-    decision = promote.consider(st, "tiny", test_split="test_sft", margin=margin,
-                                **_artifacts(st, "a", base, tuned, history))
+    decision = promote.consider(st, "tiny", test_split="test_sft", margin=margin, max_regression=max_regression,
+                                benchmarks=_main_scores(benchmarks), **_artifacts(st, "a", base, tuned, history))
     assert decision["promoted"] is promoted and reason in decision["reason"], decision["reason"]
     assert (promote.read_pointer(st, "tiny") is not None) is promoted
     assert (decision["diverged"] is not None) is diverged
+    dropped = [n for n, (b, t) in (benchmarks or {}).items() if b - t > max_regression + 1e-9]
+    assert [r["benchmark"] for r in decision["regressions"]] == dropped  # also where the loss decided first
 
 
 def test_the_pointer_is_relative_and_survives_a_moved_store(tmp_path):

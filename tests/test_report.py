@@ -127,3 +127,44 @@ def test_the_report_says_when_the_base_models_numbers_were_kept():
         in page
     assert "| base (before fine-tuning) | 10.3712 |" in page  # still shown, as scored then
     assert "kept from" not in report.markdown(SUMMARY, None, None)
+
+
+BENCH = {
+    "rows": [
+        {"benchmark": "ifbench", "metric": "prompt_strict", "label": "prompt-level strict", "primary": True,
+         "items": 32, "unit": "prompts", "base": 0.125, "tuned": 0.1875, "delta": 0.0625,
+         "base_ci": [0.0497, 0.2813], "tuned_ci": [0.0889, 0.3531], "interval": "wilson"},
+        {"benchmark": "ifbench", "metric": "instruction_loose", "label": "instruction-level loose", "primary": False,
+         "items": 36, "unit": "instructions", "base": 0.25, "tuned": 0.2222, "delta": -0.0278,
+         "base_ci": [0.1375, 0.4108], "tuned_ci": [0.1172, 0.3802], "interval": "wilson"},
+    ],
+    "benchmarks": {"ifbench": {"items": 32, "scorable": 269, "total": 294, "excluded_prompts": 25,
+                               "excluded_instructions": {"format:title_case": "punkt_tab",
+                                                         "ratio:stop_words": "stopwords"},
+                               "base": {"cut_short": 0.5}, "tuned": {"cut_short": 0.0625},
+                               "base_kept_from": "2026-11-29T02:10:00Z"}},
+    "settings": {"limit": 32, "max_new_tokens": 128},
+    "wandb": {"sync_command": "wandb sync /s/wandb/offline-run-2"},
+}
+
+
+def test_the_report_has_the_benchmarks_table_notes_and_chart():
+    png = report.benchmark_png(BENCH["rows"])
+    assert png_size(png)[0] == 700
+    assert png_size(report.benchmark_png([]))[0] == 700  # no rows: a picture that says so
+    perfect = {**BENCH["rows"][0], "tuned": 1.0, "tuned_ci": [0.8, 0.9999999999999999]}  # an older rounding
+    assert png_size(report.benchmark_png([perfect]))[0] == 700
+    page = report.markdown({**SUMMARY, "benchmark": BENCH}, None, None, png)
+    assert "| ifbench | **prompt-level strict** | 32 prompts | 12.5 % | 18.8 % | +6.2 points | " \
+           "5.0 %-28.1 %; 8.9 %-35.3 % |" in page
+    assert "| ifbench | instruction-level loose | 36 instructions | 25.0 % | 22.2 % | -2.8 points |" in page
+    assert "at most 128 new tokens; the first 32 items of each benchmark (`benchmark.limit`)" in page
+    assert "32 of its 269 scorable prompts scored; 25 of its 294 prompts excluded: their instructions " \
+           "(format:title_case, ratio:stop_words) need NLTK data (punkt_tab, stopwords)" in page
+    assert "replies cut short at the token cap: base 50%, tuned 6%" in page
+    assert "the base model's scores kept from 2026-11-29 02:10 UTC" in page
+    assert "upload it with `wandb sync /s/wandb/offline-run-2`" in page
+    data = re.search(r"!\[benchmarks\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", page).group(1)
+    assert base64.b64decode(data) == png
+    assert page.index("## Evaluation") < page.index("## Benchmarks") < page.index("## Training")
+    assert "Benchmarks" not in report.markdown(SUMMARY, None, None)  # an older run's summary: no section

@@ -90,7 +90,7 @@ def reference(tmp_path_factory):
     store = tmp_path_factory.mktemp("reference") / "store"
     proc, summary = run_flow(store, *SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list(states(summary).values()) == ["Completed"] * 7
+    assert list(states(summary).values()) == ["Completed"] * len(STAGES)
     return store, summary
 
 
@@ -98,7 +98,7 @@ def test_sigkill_in_every_stage_resumes_where_it_stopped(reference, tmp_path):
     ref_store, ref = reference
     store, marker = tmp_path / "store", tmp_path / "reached"
     faults = [("authenticate", "write"), ("data", "write"), ("format", "write"), ("train", "step=5"),
-              ("evaluate", "write"), ("save_adapter", "write"), ("generate", "write")]
+              ("evaluate", "write"), ("benchmark", "write"), ("save_adapter", "write"), ("generate", "write")]
     finished: list[str] = []  # stages that finished before the last kill
     for i, (stage, where) in enumerate(faults):
         got = run_and_kill(store, tmp_path / f"killed-in-{stage}.json", f"{stage}:{where}", marker)
@@ -256,6 +256,6 @@ def test_tampered_and_deleted_artifacts_are_recomputed(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # only the two broken stages re-run; they reproduce the same content, so nothing downstream does
     assert states(summary) == {"authenticate": "Cached", "data": "Completed", "format": "Completed",
-                               "train": "Cached", "evaluate": "Cached", "save_adapter": "Cached",
-                               "generate": "Cached"}
+                               "train": "Cached", "evaluate": "Cached", "benchmark": "Cached",
+                               "save_adapter": "Cached", "generate": "Cached"}
     assert summary["adapter"] == ref["adapter"]

@@ -14,20 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_flow
+from sft_pipeline import report
+from tests.conftest import ROOT, STAGES, cli
 
 
 @pytest.fixture(scope="module")
 def smollm2_run(session_dir):
     store = session_dir / "smollm2-store"
-    proc, summary = run_flow(store, recipe="smollm2-135m")
+    summary_path = session_dir / "smollm2-summary.json"
+    # a longer limit than run_flow's 15 minutes: the flow took 13.5 of them at load 6-8 before the benchmark stage
+    proc = cli("run", "--recipe", "smollm2-135m", "--store", str(store), "--summary-json", str(summary_path),
+               timeout=2700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return store, summary
+    return store, json.loads(summary_path.read_text()), proc
 
 
 def test_recipe_makes_the_model_better_and_it_still_ends_its_turns(smollm2_run):
-    _, summary = smollm2_run
-    assert [s["state"] for s in summary["stages"].values()] == ["Completed"] * 7, summary["stages"]
+    _, summary, _ = smollm2_run
+    assert [s["state"] for s in summary["stages"].values()] == ["Completed"] * len(STAGES), summary["stages"]
     metrics = json.loads((Path(summary["stages"]["evaluate"]["artifact"]) / "metrics.json").read_text())
     base, tuned = metrics["base"]["eval_loss"], metrics["tuned"]["eval_loss"]
     assert tuned <= 0.8 * base, metrics
@@ -37,8 +41,27 @@ def test_recipe_makes_the_model_better_and_it_still_ends_its_turns(smollm2_run):
     assert gen["tuned"]["ends_turn"] >= 0.9, gen  # replies end with <|im_end|> (pad != eos kept it in the loss)
 
 
+def test_ifbench_base_and_tuned_are_measured_and_reported(smollm2_run):
+    _, summary, proc = smollm2_run
+    artifact = Path(summary["stages"]["benchmark"]["artifact"])
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    assert metrics == summary["benchmark"]  # metrics.json and the run summary agree
+    ifb = metrics["benchmarks"]["ifbench"]
+    assert ifb["items"] == 16 and ifb["excluded_prompts"] == 25 and metrics["settings"]["limit"] == 16
+    main = next(r for r in metrics["rows"] if r["benchmark"] == "ifbench" and r["primary"])
+    for model in ("base", "tuned"):  # measured, whatever direction it went
+        assert 0 <= main[f"{model}_ci"][0] <= main[model] <= main[f"{model}_ci"][1] <= 1, main
+    page = report.markdown(summary, None, None, (artifact / "benchmark.png").read_bytes())
+    assert (f"| ifbench | **prompt-level strict** | 16 prompts | {100 * main['base']:.1f} % | "
+            f"{100 * main['tuned']:.1f} % |") in page
+    assert f"benchmark ifbench (16 prompts, prompt-level strict): base {100 * main['base']:.1f} % -> tuned " \
+           f"{100 * main['tuned']:.1f} %" in proc.stdout  # the CLI's summary
+    print(f"\nIFBench prompt-level strict, 16 prompts: base {main['base']:.1%} -> tuned {main['tuned']:.1%}; "
+          f"seconds base {ifb['base']['seconds']}, tuned {ifb['tuned']['seconds']}")
+
+
 def test_adapter_reloads_in_a_fresh_process_on_the_dequantized_base(smollm2_run):
-    store, summary = smollm2_run
+    store, summary, _ = smollm2_run
     adapter = summary["stages"]["save_adapter"]["artifact"]
     (base,) = [p for p in (store / "models").iterdir() if (p / "model.safetensors").is_file()]
     script = textwrap.dedent(f"""
