@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, tags, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
@@ -86,9 +86,12 @@ class RunRecord:
 
     def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef]) -> ArtifactRef:
         t0 = time.perf_counter()
-        task_ = run_stage.with_options(name=stage.name, task_run_name=stage.name, retries=stage.retries,
+        task_ = run_stage.with_options(name=stage.name, retries=stage.retries,
                                        retry_delay_seconds=RETRY_DELAYS[: max(stage.retries, 1)])
-        task_.version = stage.code_version  # the UI's task version: what its key's "code" part is made of
+        # in the UI: the task run named after its stage, the run's recipe and model tags, and as its version the
+        # stage's code version (its key's "code" part)
+        task_ = task_.with_options(task_run_name=stage.name, tags=_run_tags(self.cfg))
+        task_.version = stage.code_version
         self.stages[stage.name] = self._running(stage, facts, refs)
         self.write(status="Running")  # a stop from outside (Cancel) finds the stage, and its work dir, here
         try:
@@ -158,7 +161,7 @@ def publish(summary: dict, refs: dict[str, ArtifactRef]) -> None:
 
     recipe, history, ev = summary["recipe"], _history(refs), summary.get("eval")
     checked = summary.get("health") or (health.check(history, ev) if history else None)
-    png = report.loss_png(history, ev) if history else None
+    png = report.loss_png(history, ev) if history else None  # train/<key>/loss.png plus the evaluate stage's points
     create_markdown_artifact(report.markdown(summary, checked, png), key=_artifact_key("report", recipe),
                              description=report.outcome(summary))
     if history:
@@ -189,6 +192,7 @@ def _report_config_failure(parameters: dict, line: str) -> None:
     recipe = _recipe_of(parameters)
     summary = {"recipe": recipe, "status": "Failed", "flow_run_id": str(flow_run.id), "error": line,
                "attempt": flow_run.get_run_count() or 1}
+    _tag([f"recipe:{recipe}"])  # the model is not known: the config that names it was refused
     try:
         _publish_markdown(flow_run.get_id(), report.markdown(summary, None, None), _artifact_key("report", recipe),
                           report.outcome(summary))
@@ -348,12 +352,10 @@ def sft(recipe: RecipeName = "tiny", overrides: Overrides = None, store: str | N
     check_paths(str(st.root), summary_json)  # a file, read-only, or someone else's non-empty directory: refused
     preflight.check(cfg, st.root, blocks=True)
     st.clean_tmp()
-    run_tags = _run_tags(cfg)
-    _tag(run_tags)
+    _tag(_run_tags(cfg))
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
-    with tags(*run_tags):  # the task runs carry them too
-        for stage in STAGES:  # authenticate → data → format → train → evaluate → save_adapter → generate
-            refs[stage.name] = record.run(stage, facts, refs)
+    for stage in STAGES:  # authenticate → data → format → train → evaluate → save_adapter → generate
+        refs[stage.name] = record.run(stage, facts, refs)
 
     metrics, adapter = refs["evaluate"], refs["save_adapter"]
     eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")
