@@ -216,7 +216,9 @@ def _newest_summary(root: Path, flow_run_id: str) -> tuple[Path, dict] | None:
 
 def stopped(flow, flow_run, state) -> None:  # these names: Prefect passes them by keyword
     """The ``on_cancellation`` and ``on_crashed`` hook: the run summary says ``Cancelled`` (or ``Crashed``), the
-    report says where it stopped and what a Retry resumes from, and the progress card says it stopped.
+    report says where it stopped and what a Retry resumes from, and the progress card says it stopped. A run this
+    process stopped itself (Ctrl-C, SIGTERM: the summary already says ``Interrupted``, and Prefect calls it Crashed)
+    stays ``Interrupted``, and the same command resumes it.
 
     Where Prefect 3.9.1 runs it (seen with a process worker): the worker SIGTERMs the flow's process group on a
     Cancel (SIGKILL after 30 s), waits for it to exit, then starts a new process in the run's working directory and
@@ -228,23 +230,25 @@ def stopped(flow, flow_run, state) -> None:  # these names: Prefect passes them 
     from prefect.logging.loggers import flow_run_logger
 
     run = flow_run  # the FlowRun object; the module's ``flow_run`` (Prefect's runtime view) is not set here
-    how = "Crashed" if state.is_crashed() else "Cancelled"
     params = dict(run.parameters or {})
     root = Path(params.get("store") or default_store()).expanduser()
     found = _newest_summary(root, str(run.id))
     summary = found[1] if found else {"recipe": _recipe_of(params), "flow_run_id": str(run.id), "stages": {},
                                       "attempt": run.run_count or 1}
+    how = "Cancelled" if not state.is_crashed() else "Interrupted" if summary.get("status") == "Interrupted" \
+        else "Crashed"
+    again = "the same command" if how == "Interrupted" else "Retry"
     stages = summary.setdefault("stages", {})
     stage = next((n for n, r in stages.items() if r.get("state") in ("Running", "Interrupted")), None)
     checkpoint = None
     if stage == "train" and stages[stage].get("key"):
         checkpoint = progress.newest_checkpoint(root / ".work" / "train" / stages[stage]["key"])
     if checkpoint:
-        resume = f"checkpoint-{checkpoint[0]} kept; Retry resumes from step {checkpoint[0]:,}"
+        resume = f"checkpoint-{checkpoint[0]} kept; {again} resumes from step {checkpoint[0]:,}"
     elif stage == "train":
-        resume = "no checkpoint yet; Retry trains from the start and reuses every finished stage"
+        resume = f"no checkpoint yet; {again} trains from the start and reuses every finished stage"
     else:
-        resume = "Retry reuses every finished stage"
+        resume = f"{again} reuses every finished stage"
     summary["status"] = how
     summary["stopped"] = {"how": how, "stage": stage, "resume": resume,
                           **({"checkpoint": str(checkpoint[1]), "step": checkpoint[0]} if checkpoint else {})}
