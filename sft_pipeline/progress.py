@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 UPDATE_SECONDS = 5.0  # between logging steps the card is refreshed at most this often (one API call each)
-SEALED = "sft-pipeline-complete"  # the train stage's seal of a complete checkpoint (the trainer's SEALED)
+SEALED = "sft-pipeline-complete"  # the train stage's seal of a complete checkpoint (its checkpoints module's SEALED)
 
 
 def _eta(seconds: float) -> str:
