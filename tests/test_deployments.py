@@ -447,8 +447,11 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
             browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT_SAMPLES"])
         if os.environ.get("SFT_PIPELINE_SCREENSHOT"):  # README's picture: SFT_PIPELINE_SCREENSHOT=docs/watch-a-run.png
             browser.get(f"{server.url}/artifacts/artifact/{report_retrained['id']}")
-            WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
-            time.sleep(2)
+            img = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH,
+                                                                                 "//img[@alt='loss curve']")))
+            WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
+            browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", img)  # the picture, and above it
+            time.sleep(2)  # the eval table, training, promotion and health sections
             browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT"])
     except Exception:
         browser.save_screenshot(str(server.home / "ui-failure.png"))
