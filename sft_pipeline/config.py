@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from sft_pipeline.errors import ConfigError
 
@@ -369,6 +369,92 @@ def recipe_names() -> list[str]:
 # The flow's typed parameters (a dropdown and a JSON field in Prefect's run form).
 RecipeName = Literal[tuple(recipe_names())]  # the built-in recipes
 OverrideValue = str | int | float | bool | list | dict | None  # a JSON value, checked against the config model
+
+
+def _num(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _in_words(schema: dict) -> str:
+    """What a field's JSON schema allows, as a person reads it: ``an integer from 1 to 4,096``, ``one of: nf4, fp4``."""
+    if "anyOf" in schema:
+        return ", or ".join(_in_words(s) for s in schema["anyOf"])
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of: " + ", ".join(map(str, schema["enum"]))
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        what = "an integer" if kind == "integer" else "a number"
+        if "minimum" in schema and "maximum" in schema:
+            return f"{what} from {_num(schema['minimum'])} to {_num(schema['maximum'])}"
+        low = (f"≥ {_num(schema['minimum'])}" if "minimum" in schema else
+               f"> {_num(schema['exclusiveMinimum'])}" if "exclusiveMinimum" in schema else "")
+        high = (f"≤ {_num(schema['maximum'])}" if "maximum" in schema else
+                f"< {_num(schema['exclusiveMaximum'])}" if "exclusiveMaximum" in schema else "")
+        return " ".join([what, " and ".join(p for p in (low, high) if p)]).strip()
+    if kind == "array":
+        item = schema.get("items", {}).get("type")
+        return f"a list of {item}s" if item in ("string", "integer", "number") else "a list"
+    return {"boolean": "true or false", "string": "a string", "object": "a mapping", "null": "null"}.get(kind, "any")
+
+
+def _choices(schema: dict) -> list | None:
+    """The values a schema allows when it is a finite set (true/false, an enum, consts, null), else None."""
+    if schema.get("type") == "boolean":
+        return [True, False]
+    if "enum" in schema:
+        return list(schema["enum"])
+    if "const" in schema:
+        return [schema["const"]]
+    if schema.get("type") == "null":
+        return [None]
+    if "anyOf" in schema:
+        parts = [_choices(s) for s in schema["anyOf"]]
+        return [v for p in parts for v in p] if all(p is not None for p in parts) else None
+    return None
+
+
+def _override_properties(schema: dict, defs: dict, prefix: str, out: dict) -> None:
+    """Each field under ``schema`` (a model's JSON schema) as a dotted key with its constraints and its range in words;
+    a sub-model (``data.train_subset``) both as a whole and field by field."""
+    for name, prop in schema.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        if "$ref" in prop:
+            sub = defs[prop["$ref"].rsplit("/", 1)[1]]
+            if prefix:  # a sub-model inside a section: settable whole, too
+                out[key] = {"title": key, "type": "object", "description": f"{key}: a mapping of its fields"}
+            _override_properties(sub, defs, f"{key}.", out)
+            continue
+        field = {k: v for k, v in prop.items() if k not in ("default", "title", "description")}
+        words = _in_words(field)
+        if (choices := _choices(field)) is not None and any(isinstance(c, bool) for c in choices):
+            # Prefect's form sends false for every untouched true/false switch (checked in Chromium): as a list of
+            # choices it starts empty and sends nothing unless one is picked
+            field = {"enum": choices}
+        said = re.sub(r"(<[^<>\s]+>)", r"`\1`", prop.get("description") or "")  # the form reads it as markdown
+        out[key] = {"title": key, **field, "description": (f"{said}. " if said else "") + f"Allowed: {words}."}
+
+
+def override_schema() -> dict:
+    """The JSON schema of the flow's ``overrides`` parameter (``{"lora.r": 4}``, the same keys as ``--set``): one
+    property per config field with its type, range or choices, and the range in words in its description.
+
+    Prefect refuses a deployment run whose parameters break this schema when the run is created (the UI's form
+    says which field and why); what a schema cannot say (one field against another, the machine) is checked by
+    ``load_config`` when the run starts. No property has a default: the form must not send values the recipe did
+    not ask for. Unlike ``--set``, a free mapping (``model.build``) is set whole, not key by key.
+    """
+    full = PipelineConfig.model_json_schema()
+    properties: dict[str, dict] = {}
+    _override_properties(full, full.get("$defs", {}), "", properties)
+    del properties["recipe"]  # the recipe's name, not a field of it: the flow's recipe parameter says it
+    return {"type": "object", "title": "overrides", "properties": properties, "additionalProperties": False}
+
+
+# The flow's ``overrides`` parameter: a plain mapping in Python (``load_config`` checks it and says "did you mean"),
+# published to Prefect with the schema above so that the server and the run form know every field's range.
+Overrides = Annotated[dict[str, OverrideValue] | None, WithJsonSchema(override_schema())]
 
 
 def recipe_path(recipe: str) -> Path:

@@ -8,7 +8,8 @@ words. How each verdict is reached:
 - trend: the median of the first ``w`` logged train losses against the median of the last ``w`` (``w`` = 1 below 6
   points, 3 below 50, else 5). Medians, so one noisy or spiking point does not decide. More than ``FLAT`` (5 %) lower
   is falling, more than 5 % higher is rising, else flat. A falling curve whose last points sit well above the
-  middle ones also gets a "went back up" warning.
+  middle ones also gets a "went back up" warning. The sentence quotes the curve's first and last logged points (the
+  ends of the picture, with their steps) when they go the same way as the verdict, else the medians.
 - spikes: a logged loss more than ``spike_margin`` (relative) and ``MIN_JUMP`` (absolute) above the median of the
   ``WINDOW`` points before it.
 - train/eval gap: the final eval loss (the evaluate stage's tuned loss, else the last logged ``eval_loss``)
@@ -80,7 +81,8 @@ def _spikes(train: list[tuple[int, float]], margin: float) -> list[dict]:
     return spikes
 
 
-def _trend(losses: list[float]) -> dict:
+def _trend(points: list[tuple[int, float]]) -> dict:
+    losses = [x for _, x in points]
     if len(losses) < 2:
         return {"direction": "unknown", "rule": "needs at least two logged train losses"}
     # few points so the numbers match what the picture shows at its ends; 3 or 5 so one odd point does not decide
@@ -90,12 +92,32 @@ def _trend(losses: list[float]) -> dict:
     direction = "falling" if change < -FLAT else "rising" if change > FLAT else "flat"
     out = {"direction": direction, "start_loss": round(start, 4), "end_loss": round(end, 4),
            "change": round(change, 3), "window": w,
+           "first": {"step": points[0][0], "loss": round(losses[0], 4)},
+           "last": {"step": points[-1][0], "loss": round(losses[-1], 4)},
            "rule": f"median of the first {w} vs the last {w} logged train losses; beyond ±{FLAT:.0%} is a trend"}
     middle = losses[len(losses) // 3: len(losses) - len(losses) // 3]
     if direction == "falling" and len(losses) >= 3 * w and middle:
         low = min(median(middle), start)
         out["late_rise"] = end > low * (1 + FLAT) and end - low > MIN_JUMP
     return out
+
+
+def _plot_ends_agree(trend: dict) -> bool:
+    """Whether the curve's first and last points go the way the medians say (a noisy end point may not)."""
+    first, last = trend["first"]["loss"], trend["last"]["loss"]
+    return first > 0 and (last < first if trend["direction"] == "falling" else last > first)
+
+
+def _ends(trend: dict) -> str:
+    """Where the curve starts and ends, as the picture shows it: ``10.4 at step 2 to 1.05 at step 40``."""
+    if _plot_ends_agree(trend):
+        first, last = trend["first"], trend["last"]
+        return f"{first['loss']:.3g} at step {first['step']} to {last['loss']:.3g} at step {last['step']}"
+    return f"about {trend['start_loss']:.3g} to about {trend['end_loss']:.3g}"
+
+
+def _ends_change(trend: dict) -> float:
+    return trend["last"]["loss"] / trend["first"]["loss"] - 1 if _plot_ends_agree(trend) else trend["change"]
 
 
 def check(log_history: list[dict], eval_metrics: dict | None = None, *, min_steps: int = 50,
@@ -107,7 +129,7 @@ def check(log_history: list[dict], eval_metrics: dict | None = None, *, min_step
     train, evals, average, steps = _points(log_history)
     finite = [(s, x) for s, x in train if math.isfinite(x)]
     not_a_number = [s for s, x in train if not math.isfinite(x)]
-    trend = _trend([x for _, x in finite])
+    trend = _trend(finite)
     spikes = _spikes(finite, spike_margin)
     warnings: list[str] = []
     notes: list[str] = []
@@ -124,8 +146,8 @@ def check(log_history: list[dict], eval_metrics: dict | None = None, *, min_step
     # which way the loss went
     direction = trend["direction"]
     if direction == "falling":
-        notes.append(f"The training loss went down from about {trend['start_loss']:.3g} to about "
-                     f"{trend['end_loss']:.3g} ({-trend['change']:.0%} lower): the model learned from the data.")
+        notes.append(f"The training loss went down from {_ends(trend)} ({-_ends_change(trend):.0%} lower): the "
+                     f"model learned from the data.")
         if trend.get("late_rise"):
             warnings.append("The training loss went back up toward the end of the run: the learning rate may be "
                             "too high for the last part, or the last batches are unlike the earlier ones.")
@@ -133,8 +155,8 @@ def check(log_history: list[dict], eval_metrics: dict | None = None, *, min_step
         warnings.append(f"The training loss stayed at about {trend['end_loss']:.3g} from start to end: the model "
                         f"learned little. Try a higher learning rate or more steps.")
     elif direction == "rising":
-        warnings.append(f"The training loss went up, from about {trend['start_loss']:.3g} to about "
-                        f"{trend['end_loss']:.3g}: training is making the model worse. Lower the learning rate.")
+        warnings.append(f"The training loss went up, from {_ends(trend)}: training is making the model worse. Lower "
+                        f"the learning rate.")
     elif not train:
         notes.append("No training loss was recorded.")
     if not_a_number:

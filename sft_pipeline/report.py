@@ -11,6 +11,24 @@ import io
 import math
 
 COLUMNS = ("step", "train_loss", "eval_loss", "learning_rate")
+LOSS_TABLE = ("Loss curve: train loss, eval loss and learning rate per step. Eval loss at step 0 is the base model's "
+              "and at the last step the tuned model's (the evaluate stage); between them, what training evaluated")
+
+
+def _sig(x, digits: int):
+    """``x`` rounded to ``digits`` significant digits (None and non-finite values as they are)."""
+    return float(f"{x:.{digits}g}") if isinstance(x, (int, float)) and math.isfinite(x) else x
+
+
+def _evaluated(eval_metrics: dict | None, last_step: int) -> list[tuple[int, float, str]]:
+    """The evaluate stage's eval losses as (step, loss, label): the base model's at step 0, the tuned one's at the
+    last optimizer step."""
+    out = []
+    for step, which, label in ((0, "base", "base"), (last_step, "tuned", "tuned")):
+        loss = ((eval_metrics or {}).get(which) or {}).get("eval_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            out.append((step, float(loss), label))
+    return out
 
 
 def utc_minute(stamp: str) -> str:
@@ -18,26 +36,37 @@ def utc_minute(stamp: str) -> str:
     return str(stamp).replace("T", " ").removesuffix("Z")[:16] + " UTC"
 
 
-def loss_rows(log_history: list[dict]) -> list[dict]:
+def loss_rows(log_history: list[dict], eval_metrics: dict | None = None) -> list[dict]:
     """One row per step that logged a train loss, an eval loss or a learning rate, sorted by step.
 
     Every row has all of ``COLUMNS`` (None where that step has no value), so a table artifact gets even columns.
-    The final entry's ``train_loss`` (the run's average) is not a step's loss and is left out.
+    The final entry's ``train_loss`` (the run's average) is not a step's loss and is left out. Losses are rounded
+    to 4 significant digits, the learning rate to 3. With the evaluate stage's ``metrics.json``, its base eval loss
+    is step 0's and its tuned eval loss the last step's (where training itself evaluated at that step, its own
+    number stays).
     """
     rows: dict[int, dict] = {}
     for entry in log_history:
-        values = {"train_loss": entry.get("loss"), "eval_loss": entry.get("eval_loss"),
-                  "learning_rate": entry.get("learning_rate")}
+        values = {"train_loss": _sig(entry.get("loss"), 4), "eval_loss": _sig(entry.get("eval_loss"), 4),
+                  "learning_rate": _sig(entry.get("learning_rate"), 3)}
         if "step" not in entry or all(v is None for v in values.values()):
             continue
         row = rows.setdefault(int(entry["step"]), dict.fromkeys(COLUMNS))
         row["step"] = int(entry["step"])
         row.update({k: v for k, v in values.items() if v is not None})
+    last = max((int(e["step"]) for e in log_history if "step" in e), default=0)
+    for step, loss, _ in _evaluated(eval_metrics, last):
+        row = rows.setdefault(step, {**dict.fromkeys(COLUMNS), "step": step})
+        if row["eval_loss"] is None:
+            row["eval_loss"] = _sig(loss, 4)
     return [rows[s] for s in sorted(rows)]
 
 
-def loss_png(log_history: list[dict]) -> bytes:
-    """Train and eval loss against the step as a ~700x400 PNG (any number of points, none included)."""
+def loss_png(log_history: list[dict], eval_metrics: dict | None = None) -> bytes:
+    """Train and eval loss against the step as a ~700x400 PNG (any number of points, none included).
+
+    With the evaluate stage's ``metrics.json``: its eval loss as two labelled points, the base model at step 0 and
+    the tuned model at the last step."""
     # Figure + the Agg canvas directly, not pyplot: no global state, no GUI backend, safe in a worker thread
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -47,10 +76,21 @@ def loss_png(log_history: list[dict]) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for key, label, style in (("train_loss", "train loss", {"color": "tab:blue", "marker": "."}),
-                              ("eval_loss", "eval loss", {"color": "tab:orange", "marker": "o"})):
+                              ("eval_loss", "eval loss (during training)", {"color": "tab:orange", "marker": "o"})):
         points = [(r["step"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
         if points:
             ax.plot(*zip(*points), label=label, linewidth=1.5, **style)
+    last = max((int(e["step"]) for e in log_history if "step" in e), default=0)
+    evaluated = _evaluated(eval_metrics, last)
+    if evaluated:
+        steps, losses, labels = zip(*evaluated)
+        ax.plot(steps, losses, linestyle="none", marker="D", markersize=8, color="tab:red",
+                label="eval loss (evaluate stage)")
+        for step, loss, label in evaluated:  # the base's label right of its point, the tuned one's left of it
+            right = label == "base"
+            ax.annotate(f"{label} {loss:.3g}", (step, loss), textcoords="offset points", xytext=(8 if right else -8, 6),
+                        ha="left" if right else "right", color="tab:red", fontsize=9)
+    ax.margins(y=0.12)  # room for the points' labels
     if not ax.lines:
         ax.text(0.5, 0.5, "no loss was logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     else:
@@ -218,12 +258,14 @@ def _train_section(tr: dict) -> list[str]:
         warm = (f" ({_num(tr['tokens_per_second_warm'])} after warm-up)" if tr.get("tokens_per_second_warm")
                 else "")
         lines.append(f"- speed: {_num(tr['tokens_per_second'])} tokens/s{warm}")
-    if "train_seconds" in tr:
-        steps = f" for {tr['steps']:,} steps" if tr.get("steps") is not None else ""
+    start = tr.get("resumed_from_step") or 0
+    if "train_seconds" in tr:  # this attempt's time: a resumed one trained from its checkpoint's step on
+        steps = "" if tr.get("steps") is None else (
+            f" for steps {start:,}→{tr['steps']:,}" if start else f" for {tr['steps']:,} steps")
         lines.append(f"- training time: {_duration(tr['train_seconds'])}{steps}"
                      f" ({tr['train_seconds'] / 3600:.2f} h)")
-    if tr.get("resumed_from_step"):
-        lines.append(f"- resumed from the checkpoint at step {tr['resumed_from_step']:,}")
+    if start:
+        lines.append(f"- resumed from checkpoint-{start} (the steps before it were trained by an earlier attempt)")
     if est := tr.get("estimate"):
         cost = f", cost about {est['cost']:,.2f}" if est.get("cost") is not None else ""
         lines.append(f"- estimate made during training: {_num(est.get('tokens'))} tokens at "
@@ -262,6 +304,48 @@ def _how_it_ran(tr: dict) -> str:
     return ", ".join(parts)
 
 
+def outcome(summary: dict) -> str:
+    """A run's outcome in one line, for the report's entry in the artifact history and the final state's message:
+    ``Completed · eval loss 10.37 → 0.8123 · promoted``, ``Failed · stage 'data' failed: ...``,
+    ``Cancelled during train · checkpoint-20 kept; Retry resumes from step 20``."""
+    parts = [summary.get("status", "unknown")]
+    if (stop := summary.get("stopped")) is not None:
+        parts = [parts[0] + (f" during {stop['stage']}" if stop.get("stage") else " before any stage"),
+                 stop.get("resume", "")]
+    elif summary.get("error"):
+        parts.append(summary["error"])
+    else:
+        failed = [f"{n}: {r['error']}" for n, r in summary.get("stages", {}).items() if r.get("error")]
+        parts += failed[:1]
+    ev = summary.get("eval") or {}
+    base, tuned = (ev.get("base") or {}).get("eval_loss"), (ev.get("tuned") or {}).get("eval_loss")
+    if tuned is not None:
+        parts.append(f"eval loss {base:.4g} → {tuned:.4g}" if base is not None else f"eval loss {tuned:.4g}")
+    if (p := summary.get("promotion")) is not None:
+        parts.append("promoted" if p.get("promoted") else "not promoted")
+    if summary.get("attempt", 1) > 1:
+        parts.append(f"attempt {summary['attempt']}")
+    return " · ".join(" ".join(str(x).split()) for x in parts if x)
+
+
+def _attempt_line(summary: dict) -> list[str]:
+    attempt = summary.get("attempt", 1)
+    if attempt <= 1:
+        return []
+    resumed = (summary.get("train") or {}).get("resumed_from_step")
+    how = f"training resumed from checkpoint-{resumed}" if resumed else "training did not resume from a checkpoint"
+    return [f"**Attempt {attempt}** of this flow run (a Retry): stages an earlier attempt finished are reused "
+            f"(Cached); {how}.", ""]
+
+
+def _stopped_section(stop: dict) -> list[str]:
+    where = f"during the **{stop['stage']}** stage" if stop.get("stage") else "before any stage started"
+    lines = ["## Stopped", "", f"The run was **{stop['how']}** {where}: {stop.get('resume', '')}."]
+    if stop.get("checkpoint"):
+        lines += ["", f"Checkpoint kept: `{stop['checkpoint']}`"]
+    return lines
+
+
 def markdown(summary: dict, health: dict | None, png: bytes | None, bench_png: bytes | None = None) -> str:
     """The run report as markdown; any part the summary lacks (a failed run has no eval) is left out."""
     title = f"# Fine-tune `{summary.get('recipe', '?')}`: {summary.get('status', 'unknown')}"
@@ -269,6 +353,12 @@ def markdown(summary: dict, health: dict | None, png: bytes | None, bench_png: b
     if summary.get("flow_run_id"):
         out += [f"Flow run `{summary['flow_run_id']}`" + (f", model `{summary['model']}`" if summary.get("model")
                                                           else "") + ".", ""]
+    out += _attempt_line(summary)
+    if summary.get("error"):  # refused before any stage ran (its config, the machine): the one line says what
+        out += ["## Refused before any stage ran", "", _cell(summary["error"]), "",
+                "Nothing was computed or changed in the store. Fix the field it names and run again.", ""]
+    if summary.get("stopped"):
+        out += [*_stopped_section(summary["stopped"]), ""]
     if summary.get("stages"):
         out += [*_stage_table(summary["stages"]), ""]
     if summary.get("eval"):

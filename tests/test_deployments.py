@@ -4,11 +4,13 @@ One `prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME, a free p
 pool, `prefect deploy` of deployments/prefect.yaml and one `prefect worker start`; runs are triggered with
 `prefect deployment run ... --param`, from the UI in headless Chromium, by a schedule, and through
 `sft-pipeline serve`. The worker shares the store of the session's tiny run, so unchanged inputs come back Cached.
-Every process started here is stopped by its PID (its own process group).
+Every process started here is stopped by its PID (its own process group). The browser tests save a screenshot of
+each page they check into $SFT_PIPELINE_SHOTS (to look at), else into their tmp dir.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -25,8 +27,11 @@ import datasets
 import httpx
 import pytest
 
+from flows.stages import STAGES as TABLE
 from sft_pipeline import synthetic
+from sft_pipeline.config import override_schema
 from tests.conftest import ROOT, STAGES
+from tests.test_report import _red_pixels
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -173,12 +178,47 @@ def prefect(tiny_run, session_dir):
         server.stop_all()
 
 
+def test_the_overrides_schema_says_every_fields_range():
+    """No server: the schema Prefect validates a deployment run's overrides against (what the form is made of)."""
+    import jsonschema
+
+    schema = override_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    props = schema["properties"]
+    assert props["lora.r"] == {"title": "lora.r", "type": "integer", "minimum": 1, "maximum": 4096,
+                               "description": "Allowed: an integer from 1 to 4,096."}
+    assert props["lora.dropout"]["description"] == "Allowed: a number ≥ 0 and < 1."
+    assert props["training.num_processes"]["description"].endswith("Allowed: an integer ≥ 1, or 'auto'.")
+    # true/false as a choice: the form sends an untouched switch as false, an untouched choice not at all
+    assert props["lora.shared_dropout"]["enum"] == [True, False] and "type" not in props["lora.shared_dropout"]
+    assert props["training.use_liger_kernel"]["enum"] == [True, False, "auto"]
+    assert not any("default" in p for p in props.values())  # the form must not send what the recipe did not ask
+    assert "`<package>`" in props["model.name"]["description"]  # the form reads markdown: not an HTML tag
+    for good in ({"lora.r": 4}, {"lora.target_modules": ["q_proj"]}, {"lora.target_modules": "all-linear"},
+                 {"data.train_subset": {"count": 8}}, {"data.train_subset.count": 8}, {"format.system_message": None},
+                 {"training.num_processes": "auto"}, {"model.build": {"num_hidden_layers": 2}}):
+        assert not list(validator.iter_errors(good)), good
+    refused = {json.dumps(bad): [e.message for e in validator.iter_errors(bad)]
+               for bad in ({"lora.r": 0}, {"lora.r": 4097}, {"lora.shared_dropout": 1}, {"auth.hf_token": "hf_x"},
+                           {"training.learning_rate": 0}, {"training.device": "tpu"})}
+    assert refused == {'{"lora.r": 0}': ["0 is less than the minimum of 1"],
+                       '{"lora.r": 4097}': ["4097 is greater than the maximum of 4096"],
+                       '{"lora.shared_dropout": 1}': ["1 is not one of [True, False]"],
+                       '{"auth.hf_token": "hf_x"}': ["Additional properties are not allowed ('auth.hf_token' was "
+                                                     "unexpected)"],
+                       '{"training.learning_rate": 0}': ["0 is less than or equal to the minimum of 0"],
+                       '{"training.device": "tpu"}': ["'tpu' is not one of ['auto', 'cpu', 'cuda']"]}
+
+
 def test_deployment_has_the_typed_form_and_a_schedule(prefect):
     server, _ = prefect
     dep = server.deployment("sft-pipeline/tiny")
     props = dep["parameter_openapi_schema"]["properties"]
     assert props["recipe"]["enum"] == ["mistral-7b-qlora", "smollm2-135m", "tiny", "zephyr-7b-qlora"] and props["recipe"]["default"] == "tiny"
+    assert all(name in props["recipe"]["description"] for name in props["recipe"]["enum"])  # each one described
     assert "name Prefect Secret blocks" in " ".join(props["overrides"]["description"].split())
+    assert props["overrides"]["properties"] == override_schema()["properties"]  # every field, with its range
+    assert props["overrides"]["additionalProperties"] is False
     assert dep["parameters"] == {"recipe": "tiny", "overrides": {}} and dep["enforce_parameter_schema"]
     assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
@@ -208,9 +248,38 @@ def _browser(tmp: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def test_custom_run_from_the_ui(prefect, tmp_path):
+def _shot(browser, tmp_path: Path, name: str) -> Path:
+    """A screenshot of the page a test just checked: into $SFT_PIPELINE_SHOTS (to look at), else the test's tmp dir."""
+    folder = Path(os.environ.get("SFT_PIPELINE_SHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    assert browser.save_screenshot(str(path)) and path.stat().st_size > 10_000, path
+    return path
+
+
+def _form_field(browser, wait, label: str):
+    """The run form's input for one parameter or override (its label reads ``lora.r (Optional)``)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+
+    prop = wait.until(EC.presence_of_element_located((By.XPATH, (
+        f"//span[contains(@class,'schema-form-property__label') and starts-with(normalize-space(.), '{label} ')]"
+        "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"))))
+    box = prop.find_element(By.XPATH, ".//input | .//textarea")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    return prop, box
+
+
+def _body(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_custom_run_from_the_ui(prefect, tmp_path):
+    """The run form has a field per config field with its range; out of range is refused when the run would be
+    created, a valid value runs, and the runs list shows the run by its recipe and overrides, with its tags."""
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -224,13 +293,19 @@ def test_custom_run_from_the_ui(prefect, tmp_path):
         wait.until(EC.element_to_be_clickable((By.XPATH, "//a[normalize-space(.)='tiny']"))).click()
         wait.until(EC.element_to_be_clickable((By.XPATH, "//button[normalize-space(.)='Run']"))).click()
         wait.until(EC.element_to_be_clickable((By.XPATH, "//*[normalize-space(.)='Custom run']"))).click()
-        field = wait.until(EC.element_to_be_clickable((By.XPATH, (
-            "//span[contains(@class,'schema-form-property__label') and starts-with(normalize-space(.), 'overrides')]"
-            "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"
-            "//textarea"))))
-        field.send_keys(Keys.CONTROL, "a")
-        field.send_keys(Keys.DELETE)
-        field.send_keys('{"generation.max_new_tokens": 5}')
+        prop, rank = _form_field(browser, wait, "lora.r")
+        assert "Allowed: an integer from 1 to 4,096." in prop.text
+        rank.send_keys("0")
+        browser.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
+        wait.until(lambda b: "Validation failed for field \"overrides['lora.r']\". Failure reason: 0 is less than the "
+                             "minimum of 1" in " ".join(_body(b).split()))
+        _form_field(browser, wait, "lora.r")  # the field, its range and the refusal in one picture
+        _shot(browser, tmp_path, "form-refuses-lora-r-0.png")
+        assert {r["id"] for r in server.flow_runs(dep["id"])} == before  # refused: no run was created
+
+        browser.get(browser.current_url)  # a fresh form
+        _, tokens = _form_field(browser, wait, "generation.max_new_tokens")
+        tokens.send_keys("5")
         browser.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
         wait.until(lambda b: len({r["id"] for r in server.flow_runs(dep["id"])} - before) == 1)
         (new,) = {r["id"] for r in server.flow_runs(dep["id"])} - before
@@ -238,12 +313,20 @@ def test_custom_run_from_the_ui(prefect, tmp_path):
         browser.get(f"{server.url}/runs/flow-run/{new}")  # the UI shows it Completed too
         wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(@class,'state-badge')]"
                                                              "[normalize-space(.)='Completed']")))
+        browser.get(f"{server.url}/runs")
+        row = wait.until(EC.presence_of_element_located((By.XPATH, (
+            "//a[normalize-space(.)='tiny: generation.max_new_tokens=5']"
+            "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' flow-run-list-item ')][1]"))))
+        wait.until(lambda b: all(x in row.text for x in ("recipe:tiny", "model:tiny-mistral", "sft-process")))
+        _shot(browser, tmp_path, "runs-list.png")
     except Exception:
         browser.save_screenshot(str(server.home / "ui-failure.png"))
         raise
     finally:
         browser.quit()
+    # the form sent the one field that was set (an untouched true/false field would have been sent as false)
     assert run["parameters"]["overrides"] == {"generation.max_new_tokens": 5} and run["parameters"]["recipe"] == "tiny"
+    assert run["name"] == "tiny: generation.max_new_tokens=5" and {"recipe:tiny", "model:tiny-mistral"} <= set(run["tags"])
     summary = summary_of(store, run)
     assert summary["config"]["generation"]["max_new_tokens"] == 5
     assert states(summary) == ["Cached"] * 6 + ["Completed"]
@@ -272,10 +355,27 @@ WATCH = json.dumps({"training.max_steps": 8, "training.logging_steps": 2, "evalu
                     "generation.max_new_tokens": 4})
 
 
+def _rows(table: dict) -> list[dict]:
+    return json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+
+
+def _task_runs(server: PrefectServer, flow_run_id: str) -> list[dict]:
+    return server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}},
+                                                          "sort": "EXPECTED_START_TIME_ASC"})
+
+
+def _outcome(summary: dict) -> str:
+    ev = summary["eval"]
+    return (f"Completed · eval loss {ev['base']['eval_loss']:.4g} → {ev['tuned']['eval_loss']:.4g} · "
+            f"{'promoted' if summary['promotion']['promoted'] else 'not promoted'}")
+
+
 def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
-    """Progress, a log line per logging step, the estimate, the report with eval, adapter and promotion, the loss
-    table; a rerun (all Cached) has its report too; a retraining run's report says the base model's numbers were
-    kept; the report page shows the loss picture in a real browser."""
+    """Progress, a log line per logging step and per checkpoint, the estimate, the report with eval, adapter and
+    promotion, the loss table with the evaluate stage's eval loss; the run named after its overrides and tagged, its
+    task runs named after their stages with their code versions, the eval result as its final message; a rerun (all
+    Cached) has its report too; a retraining run's report says the base model's numbers were kept; the report page
+    shows the loss picture, eval points included, in a real browser."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -284,18 +384,38 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
     run = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
     summary = summary_of(store, run)
     assert states(summary)[3:] == ["Completed"] * 4
+    assert run["name"] == "tiny: training.max_steps=8, training.logging_steps=2, evaluation.max_samples=16, +1 more"
+    assert {"recipe:tiny", "model:tiny-mistral"} <= set(run["tags"])
+    assert run["state"]["message"] == _outcome(summary)  # the eval result, in the run's final state
+    tasks = _task_runs(server, run["id"])
+    assert [(t["name"], t["task_version"]) for t in tasks] == [(s.name, s.code_version) for s in TABLE]
+    assert all({"recipe:tiny", "model:tiny-mistral"} <= set(t["tags"]) for t in tasks)
     arts = {a["key"] or a["type"]: a for a in _artifacts(server, run["id"])}
     assert arts["progress"]["data"] == 100
+    assert re.fullmatch(r"step 8/8 · loss [\d.]+ · done in \d:\d\d:\d\d", arts["progress"]["description"])
     report = arts["sft-report-tiny"]["data"]
     assert f"{summary['eval']['tuned']['eval_loss']:.4f}" in report and summary["adapter"] in report
     assert "Promot" in report and "data:image/png;base64," in report
-    rows = json.loads(arts["sft-loss-tiny"]["data"]) if isinstance(arts["sft-loss-tiny"]["data"], str) \
-        else arts["sft-loss-tiny"]["data"]
+    assert arts["sft-report-tiny"]["description"] == _outcome(summary)  # what the key's history lists
+    rows = _rows(arts["sft-loss-tiny"])
     assert [r["step"] for r in rows if r.get("train_loss") is not None] == [2, 4, 6, 8]
+    # the evaluate stage's eval loss: the base model's at step 0, the tuned one's at the last step; rounded
+    ev = summary["eval"]
+    assert rows[0] == {"step": 0, "train_loss": None, "eval_loss": float(f"{ev['base']['eval_loss']:.4g}"),
+                       "learning_rate": None}
+    assert rows[-1]["step"] == 8 and rows[-1]["eval_loss"] == float(f"{ev['tuned']['eval_loss']:.4g}")
+    assert all(r[k] is None or r[k] == float(f"{r[k]:.4g}") for r in rows for k in ("train_loss", "eval_loss"))
+    # the health check quotes the ends of the picture
+    first, last = rows[1]["train_loss"], rows[-1]["train_loss"]
+    assert f"went down from {first:.3g} at step 2 to {last:.3g} at step 8" in report, report[-2500:]
+    picture = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", report).group(1))
+    assert _red_pixels(picture) > 100  # the evaluate stage's two points
     lines = [entry["message"] for entry in _logs(server, run["id"], until=lambda e: len(e) > 20)]
     steps = [m for m in lines if re.search(r"train: step \d+/8 .* loss \d", m)]
     assert len(steps) == 4, lines
     assert any(m.startswith("estimate:") for m in lines) and any(m.startswith("training settings:") for m in lines)
+    work = Path(summary["store"]) / ".work" / "train" / summary["stages"]["train"]["key"]
+    assert f"train: saved checkpoint-8 ({work / 'checkpoint-8'})" in lines, lines  # the final save
 
     again = completed(server, server.run_deployment("sft-pipeline/tiny", f"overrides={WATCH}"))
     assert states(summary_of(store, again)) == ["Cached"] * len(STAGES)
@@ -320,16 +440,139 @@ def test_a_training_run_can_be_watched_in_the_ui(prefect, tmp_path):
         body = browser.find_element(By.TAG_NAME, "body").text
         assert f"{summary_retrained['eval']['tuned']['eval_loss']:.4f}" in body and "kept from its scoring" in body
         browser.execute_script("arguments[0].scrollIntoView()", img)
-        browser.save_screenshot(str(tmp_path / "report.png"))
+        _shot(browser, tmp_path, "report-with-eval-points.png")
         if os.environ.get("SFT_PIPELINE_SCREENSHOT_SAMPLES"):  # the samples page, to look at
             browser.get(f"{server.url}/artifacts/artifact/{samples_retrained['id']}")
             WebDriverWait(browser, 60).until(lambda b: "kept from" in b.find_element(By.TAG_NAME, "body").text)
             browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT_SAMPLES"])
         if os.environ.get("SFT_PIPELINE_SCREENSHOT"):  # README's picture: SFT_PIPELINE_SCREENSHOT=docs/watch-a-run.png
             browser.get(f"{server.url}/artifacts/artifact/{report_retrained['id']}")
-            WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss curve']")))
-            time.sleep(2)
+            img = WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.XPATH,
+                                                                                 "//img[@alt='loss curve']")))
+            WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
+            browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", img)  # the picture, and above it
+            time.sleep(2)  # the eval table, training, promotion and health sections
             browser.save_screenshot(os.environ["SFT_PIPELINE_SCREENSHOT"])
+    except Exception:
+        browser.save_screenshot(str(server.home / "ui-failure.png"))
+        raise
+    finally:
+        browser.quit()
+
+
+STOPPED = json.dumps({"training.max_steps": 8, "training.logging_steps": 2, "training.save_steps": 2,
+                      "training.learning_rate": 0.004, "evaluation.max_samples": 16, "generation.max_new_tokens": 4})
+
+
+def _artifacts_tab(browser, wait, run_id: str, server: PrefectServer) -> None:
+    """The run page's Artifacts tab as a list (the cards' grid cuts their descriptions short)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+
+    browser.get(f"{server.url}/runs/flow-run/{run_id}")
+    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[normalize-space(.)='Artifacts'][not(*)]"))).click()
+    wait.until(EC.element_to_be_clickable((By.XPATH, "(//button[contains(@class,'p-button-group__button')])[last()]"
+                                           ))).click()
+
+
+def _click(browser, wait, button: str, confirm: str) -> None:
+    """Click a run page's button, then the dialog's confirming one, as a user does."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+
+    wait.until(EC.element_to_be_clickable((By.XPATH, f"//button[normalize-space(.)='{button}']"))).click()
+    wait.until(EC.element_to_be_clickable((By.XPATH, f"//*[@role='dialog']//button[normalize-space(.)='{confirm}']")
+                                          )).click()
+
+
+@pytest.mark.slow  # ~4 min here: 8 steps trained in two attempts, the cancel's hook process (~40 s), the other stages
+def test_a_cancelled_run_says_where_it_stopped_and_retry_resumes_there(prefect, tmp_path):
+    """Cancel from the UI while training (held after step 4 and its checkpoint by a test fault): the run ends
+    Cancelled, its summary says Cancelled, its report and progress card say that checkpoint-4 is kept; Retry from the
+    UI resumes there, on the same progress card, and the report marks the attempt and the steps it trained."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, store = prefect
+    marker = tmp_path / "held"
+    env = json.dumps({"SFT_PIPELINE_FAULT": "train:step=4:hang", "SFT_PIPELINE_FAULT_MARKER": str(marker)})
+    proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", f"overrides={STOPPED}",
+                      "--job-variable", f"env={env}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+    deadline = time.time() + 600
+    while not marker.exists():
+        state = server.api("GET", f"/flow_runs/{run_id}")["state"]
+        assert time.time() < deadline and state["type"] not in FINAL, ("never held at step 4", state)
+        time.sleep(1)
+    pid = int(marker.read_text().split()[0])  # the flow's process, held before step 5
+
+    def card() -> dict:
+        (progress,) = [a for a in _artifacts(server, run_id) if a["type"] == "progress"]  # one card, all along
+        return progress
+
+    browser = _browser(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 60)
+        _artifacts_tab(browser, wait, run_id, server)
+        shown = wait.until(EC.presence_of_element_located((By.XPATH, "//*[starts-with(normalize-space(.), "
+                                                                     "'step 4/8 · loss ')][not(*)]")))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", shown)
+        _shot(browser, tmp_path, "running-progress-card.png")
+        assert re.fullmatch(r"step 4/8 · loss [\d.]+ · ETA \d:\d\d:\d\d · checkpoint-4 saved", card()["description"])
+        assert card()["data"] == 50
+
+        _click(browser, wait, "Cancel", "Confirm")
+        cancelled = server.wait_final(run_id, timeout=300)
+        assert cancelled["state"]["type"] == "CANCELLED", cancelled["state"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # SIGTERM stopped it, well inside the 30 s before Prefect's SIGKILL
+        summary = summary_of(store, cancelled)
+        assert summary["status"] == "Cancelled" and summary["stages"]["train"]["state"] == "Cancelled"
+        ckpt = Path(summary["stopped"]["checkpoint"])
+        assert summary["stopped"]["step"] == 4 and ckpt.name == "checkpoint-4" and (ckpt / "sft-pipeline-complete").is_file()
+        kept = "checkpoint-4 kept; Retry resumes from step 4"
+        (stopped,) = [a for a in _artifacts(server, run_id) if a["key"] == "sft-report-tiny"]
+        assert stopped["description"] == f"Cancelled during train · {kept}"
+        assert f"The run was **Cancelled** during the **train** stage: {kept}." in stopped["data"]
+        assert re.fullmatch(rf"stopped at step 4/8 · loss [\d.]+ · Cancelled: {kept}", card()["description"])
+        lines = [e["message"] for e in _logs(server, run_id, until=lambda e: any(kept in x["message"] for x in e))]
+        assert f"Cancelled during train: {kept}" in lines, lines[-10:]
+        browser.get(f"{server.url}/artifacts/artifact/{stopped['id']}")
+        wait.until(lambda b: "Checkpoint kept:" in _body(b))
+        _shot(browser, tmp_path, "cancelled-report.png")
+
+        # Retry from the UI. The test fault would hold the retried attempt too (the run keeps its job variables):
+        # the pool is paused while the Retry drops them, as it waits for a worker (Prefect allows it only then).
+        assert server.cli("work-pool", "pause", "sft-process").returncode == 0
+        try:
+            browser.get(f"{server.url}/runs/flow-run/{run_id}")
+            _click(browser, wait, "Retry", "Retry")
+            deadline = time.time() + 60
+            while server.api("GET", f"/flow_runs/{run_id}")["state"]["type"] != "SCHEDULED":
+                assert time.time() < deadline
+                time.sleep(1)
+            server.api("PATCH", f"/flow_runs/{run_id}", json={"job_variables": {}})
+        finally:
+            assert server.cli("work-pool", "resume", "sft-process").returncode == 0
+        retried = completed(server, server.wait_final(run_id))
+        assert retried["run_count"] == 2
+        summary = summary_of(store, retried)
+        assert summary["attempt"] == 2 and summary["train"]["resumed_from_step"] == 4
+        assert card()["data"] == 100 and card()["description"].startswith("step 8/8 · loss ")  # the same card
+        (report,) = [a for a in _artifacts(server, run_id) if a["key"] == "sft-report-tiny"
+                     and a["description"].startswith("Completed")]
+        assert report["description"] == _outcome(summary) + " · attempt 2" == retried["state"]["message"]
+        assert "**Attempt 2** of this flow run (a Retry)" in report["data"] and "training resumed from checkpoint-4" \
+            in report["data"]
+        assert re.search(r"- training time: [\w ]+ for steps 4→8 ", report["data"]), report["data"]
+        browser.get(f"{server.url}/artifacts/artifact/{report['id']}")
+        wait.until(lambda b: "Attempt 2" in _body(b))
+        _shot(browser, tmp_path, "retried-report.png")
+        _artifacts_tab(browser, wait, run_id, server)  # both attempts' reports, by outcome; one progress card
+        wait.until(lambda b: all(x in _body(b) for x in (report["description"], stopped["description"], "done in")))
+        _shot(browser, tmp_path, "retried-run-artifacts.png")
     except Exception:
         browser.save_screenshot(str(server.home / "ui-failure.png"))
         raise
@@ -411,18 +654,31 @@ def test_bad_parameters_are_refused_before_any_stage(prefect):
     proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", "recipe=tinny")
     assert proc.returncode != 0 and "'tinny' is not one of" in proc.stdout + proc.stderr  # refused by the server
 
-    for overrides, field in (('{"lora.r": 0}', "lora.r"), ('{"auth.hf_token": "hf_not_a_param"}', "auth.hf_token")):
+    # out of range, or no config field: refused by the server when the run would be created, naming the field
+    for overrides, says in (('{"lora.r": 0}', "Validation failed for field \"overrides['lora.r']\". Failure reason: 0 "
+                                              "is less than the minimum of 1"),
+                            ('{"auth.hf_token": "hf_not_a_param"}', "Additional properties are not allowed "
+                                                                    "('auth.hf_token' was unexpected)")):
         proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", f"overrides={overrides}")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        run = server.wait_final(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
-        assert run["state"]["type"] == "FAILED"
-        message = run["state"]["message"]
-        assert field in message and "hf_not_a_param" not in message and "\n" not in message, message
-        tasks = server.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
-        assert tasks == []  # no stage ran
-        errors = _errors(_logs(server, run["id"], until=_errors))
-        assert errors and not [m for m in errors if "Traceback" in m], errors  # the one line, no traceback wall
-        assert errors[-1] == message
+        out = " ".join((proc.stdout + proc.stderr).split())
+        assert proc.returncode != 0 and says in out and "hf_not_a_param" not in out, out
+
+    # what one field means next to another only the config can say: the run fails at once, with its report
+    proc = server.cli("deployment", "run", "sft-pipeline/tiny", "--param", 'overrides={"training.num_processes": 3}')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = server.wait_final(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
+    assert run["state"]["type"] == "FAILED"
+    message = run["state"]["message"]
+    assert message.startswith("invalid config: training: training.num_processes=3 must divide the effective batch") \
+        and "\n" not in message, message
+    assert _task_runs(server, run["id"]) == []  # no stage ran
+    errors = _errors(_logs(server, run["id"], until=_errors))
+    assert errors and not [m for m in errors if "Traceback" in m], errors  # the one line, no traceback wall
+    assert errors[-1] == message
+    (report,) = _artifacts(server, run["id"])  # every run leaves its report
+    assert report["key"] == "sft-report-tiny" and report["description"] == f"Failed · {message}"
+    assert "## Refused before any stage ran" in report["data"] and message in report["data"]
+    assert "recipe:tiny" in server.api("GET", f"/flow_runs/{run['id']}")["tags"]
 
 
 def test_a_stage_failing_on_bad_rows_ends_with_its_line_and_no_traceback(prefect, tmp_path):

@@ -123,3 +123,16 @@ def test_curve_that_goes_back_up_at_the_end_warns():
     report = health.check(history(losses))
     assert report["trend"] == "falling" and report["trend_detail"]["late_rise"]
     assert any("went back up" in w for w in report["warnings"])
+
+
+def test_the_sentence_quotes_the_ends_of_the_picture():
+    # 20 logged points (a median window of 3): the verdict is the medians', the numbers are the plot's ends
+    losses = [10.36, 9.508, 7.687] + [6 - 0.25 * i for i in range(16)] + [1.05]
+    report = health.check(history(losses, every=2))
+    assert report["trend_detail"]["start_loss"] == 9.508 and report["trend_detail"]["first"] == {"step": 2,
+                                                                                                  "loss": 10.36}
+    assert "The training loss went down from 10.4 at step 2 to 1.05 at step 40 (90% lower)" in " ".join(
+        report["sentences"])
+    # a last point that jumped back above the first: the medians say falling, so the medians are quoted
+    odd = health.check(history([2.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 2.5], every=1))
+    assert odd["trend"] == "falling" and any("went down from about" in s for s in odd["sentences"])

@@ -17,11 +17,12 @@ from sft_pipeline import base_origin
 from sft_pipeline.errors import HubUnreachable
 from sft_pipeline.quiet import QuietConsole, retry_line
 
-PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (?P<level>[A-Z]+) *\| Task run '(?P<task>[a-z_]+)-\w+' - "
-                          r"(?P<msg>.*)$")
+PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (?P<level>[A-Z]+) *\| Task run '(?P<task>[a-z_]+)(-\w+)?' - "
+                          r"(?P<msg>.*)$")  # a task run is named after its stage
 # what a quiet run may say about a stage, besides "Finished in state ..."
 STAGE_START = re.compile(r"^(?P<stage>[a-z_]+): (computing [0-9a-f]{24}|reusing the finished artifact \S+)$")
-TRAINING = re.compile(r"^(train: (step \d+/\d+ \(\d+%\)  loss .* tok/s  ETA \d+:\d\d:\d\d|\d+ optimizer steps.*)"
+TRAINING = re.compile(r"^(train: (step \d+/\d+ \(\d+%\)  loss .* tok/s  ETA \d+:\d\d:\d\d|\d+ optimizer steps.*|"
+                      r"saved checkpoint-\d+ \(\S+\))"
                       r"|training settings: \{.*\}|estimate: .*)$")
 # transformers prints "[INFO] Running in WANDB offline mode" when imported with WANDB_MODE=offline (as in the tests)
 SUMMARY = re.compile(r"^(|stage +state +seconds +artifact|[a-z_]+ +(Completed|Cached) +[\d.]+  \S+|"

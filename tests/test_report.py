@@ -44,6 +44,38 @@ def test_loss_rows_merge_train_and_eval_by_step():
     assert report.loss_rows([]) == []
 
 
+def test_loss_rows_are_rounded_and_carry_the_evaluate_stages_eval_loss():
+    history = [{"loss": 10.412345678, "learning_rate": 0.005943234, "step": 10},
+               {"loss": 0.8312999, "learning_rate": 0.0001234567, "step": 50},
+               {"train_runtime": 30.0, "train_loss": 5.1, "step": 50}]
+    rows = report.loss_rows(history, SUMMARY["eval"])
+    assert rows == [{"step": 0, "train_loss": None, "eval_loss": 10.37, "learning_rate": None},  # the base model
+                    {"step": 10, "train_loss": 10.41, "eval_loss": None, "learning_rate": 0.00594},
+                    {"step": 50, "train_loss": 0.8313, "eval_loss": 0.8123, "learning_rate": 0.000123}]  # tuned
+    # training's own eval at the last step keeps its number; the base still fills step 0
+    assert report.loss_rows(HISTORY, SUMMARY["eval"])[-1]["eval_loss"] == 2.1
+    assert report.loss_rows(HISTORY, SUMMARY["eval"])[0] == {"step": 0, "train_loss": None, "eval_loss": 10.37,
+                                                             "learning_rate": None}
+    assert report.loss_rows(history, None) == report.loss_rows(history)
+
+
+def _red_pixels(png: bytes) -> int:
+    """Pixels of the evaluate stage's markers (matplotlib's tab:red, #d62728) in a PNG."""
+    import io
+
+    from PIL import Image
+
+    pixels = Image.open(io.BytesIO(png)).convert("RGB").get_flattened_data()
+    return sum(1 for r, g, b in pixels if abs(r - 0xd6) < 12 and abs(g - 0x27) < 12 and abs(b - 0x28) < 12)
+
+
+def test_the_picture_shows_the_evaluate_stages_eval_loss_as_points():
+    train_only = [e for e in HISTORY if "eval_loss" not in e]
+    assert _red_pixels(report.loss_png(train_only)) == 0
+    with_eval = report.loss_png(train_only, SUMMARY["eval"])
+    assert png_size(with_eval) == (700, 400) and _red_pixels(with_eval) > 100  # two diamonds and their labels
+
+
 def png_size(png: bytes) -> tuple[int, int]:
     assert png[:8] == PNG_SIGNATURE
     return struct.unpack(">II", png[16:24])  # IHDR width, height
@@ -168,3 +200,44 @@ def test_the_report_has_the_benchmarks_table_notes_and_chart():
     assert base64.b64decode(data) == png
     assert page.index("## Evaluation") < page.index("## Benchmarks") < page.index("## Training")
     assert "Benchmarks" not in report.markdown(SUMMARY, None, None)  # an older run's summary: no section
+
+
+def test_the_outcome_line_says_how_the_run_ended():
+    assert report.outcome(SUMMARY) == "Completed · eval loss 10.37 → 0.8123 · promoted"
+    failed = {"status": "Failed", "stages": {"data": {"state": "Failed", "error": "data: 40 of 40 rows invalid"}}}
+    assert report.outcome(failed) == "Failed · data: data: 40 of 40 rows invalid"
+    refused = {"status": "Failed", "error": "invalid config: training: training.num_processes=3 must divide ..."}
+    assert report.outcome(refused) == "Failed · invalid config: training: training.num_processes=3 must divide ..."
+    cancelled = {"status": "Cancelled", "attempt": 2,
+                 "stopped": {"how": "Cancelled", "stage": "train", "resume": "checkpoint-20 kept; Retry resumes "
+                                                                              "from step 20"}}
+    assert report.outcome(cancelled) == "Cancelled during train · checkpoint-20 kept; Retry resumes from step 20 · " \
+                                        "attempt 2"
+
+
+def test_a_resumed_attempt_says_its_attempt_and_the_steps_it_trained():
+    resumed = {**SUMMARY, "attempt": 2, "train": {**SUMMARY["train"], "resumed_from_step": 10, "train_seconds": 62.0}}
+    page = report.markdown(resumed, None, None)
+    assert "**Attempt 2** of this flow run (a Retry): stages an earlier attempt finished are reused (Cached); " \
+           "training resumed from checkpoint-10." in page
+    assert "- training time: 1 min 02 s for steps 10→50 (0.02 h)" in page
+    assert "- resumed from checkpoint-10" in page
+    assert "Attempt" not in report.markdown(SUMMARY, None, None)
+
+
+def test_a_cancelled_run_and_a_refused_one_have_their_report():
+    cancelled = {"recipe": "tiny", "status": "Cancelled", "stages": {
+        "format": {"state": "Cached", "seconds": 0.3, "artifact": "/s/format/ff"},
+        "train": {"state": "Cancelled", "seconds": 41.0, "key": "abc"}},
+        "stopped": {"how": "Cancelled", "stage": "train", "resume": "checkpoint-20 kept; Retry resumes from step 20",
+                    "checkpoint": "/s/.work/train/abc/checkpoint-20", "step": 20}}
+    page = report.markdown(cancelled, None, None)
+    assert page.startswith("# Fine-tune `tiny`: Cancelled")
+    assert "The run was **Cancelled** during the **train** stage: checkpoint-20 kept; Retry resumes from step 20." \
+        in page
+    assert "Checkpoint kept: `/s/.work/train/abc/checkpoint-20`" in page and "| train | Cancelled | 41.0 |" in page
+    refused = report.markdown({"recipe": "tiny", "status": "Failed",
+                               "error": "invalid config: training: num_processes=3 must divide the effective batch"},
+                              None, None)
+    assert "## Refused before any stage ran" in refused
+    assert "invalid config: training: num_processes=3 must divide the effective batch" in refused
