@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 
 from flows.stages import STAGES
 from sft_pipeline import health, preflight, progress, promote, quiet, report
 from sft_pipeline.config import Overrides, PipelineConfig, RecipeName, load_config
-from sft_pipeline.errors import ConfigError, StageError, StageFailure, failure_message, is_transient
+from sft_pipeline.errors import (ConfigError, StageError, StageFailure, TrainingInterrupted, failure_message,
+                                 is_transient)
 from sft_pipeline.models import describe
 from sft_pipeline.stage import Facts, Stage, execute, key_parts, stage_key
 from sft_pipeline.store import ArtifactRef, Store, check_paths, default_store, write_json_atomic
+from sft_pipeline.training import stop
 
 RETRY_DELAYS = [10, 60, 300]  # seconds before retry 1, 2, 3 of a transient failure
 
@@ -67,6 +70,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig, store: Store, upstream: dict[st
     except (StageFailure, ConfigError) as exc:  # ours: one line, no traceback (a bug still gets Prefect's)
         log.error("%s", failure_message(exc))
         return Failed(message=failure_message(exc), data=exc)
+    except TrainingInterrupted as exc:  # SIGTERM: a sealed checkpoint at the current step; the run stops (RunRecord)
+        log.warning("%s", exc)
+        return Cancelled(message=str(exc))
     return Completed(data=ref, name="Cached") if reused else ref
 
 
@@ -104,9 +110,15 @@ class RunRecord:
                                        "seconds": round(time.perf_counter() - t0, 2)}
             self.write(status="Interrupted")
             raise
+        started = {k: v for k, v in self.stages[stage.name].items() if k == "key"}
         record = self.stages[stage.name] = {"state": state.name, "seconds": round(time.perf_counter() - t0, 2)}
         if stage.name in self.attempts.count:
             record["attempts"] = self.attempts.count[stage.name]
+        if state.is_cancelled():  # the train stage stopped on SIGTERM at a checkpoint: the run ends as Prefect ends a
+            # run on SIGTERM (a Cancel from the UI, else a crash; the hook ``stopped`` then writes its report)
+            record.update(state="Interrupted", error=state.message, **started)  # its key names its checkpoints
+            self.write(status="Interrupted")
+            raise TerminationSignal(signal.SIGTERM)
         if not state.is_completed():
             try:
                 state.result()
@@ -118,6 +130,9 @@ class RunRecord:
         record.update(artifact=ref.path, key=ref.key, fingerprint=ref.fingerprint)
         if stage.name == "data":  # rows kept and invalid rows per reason, for the summary's last lines
             record["splits"] = ref.read_json("stats.json")["splits"]
+        if stop.requested():  # a SIGTERM while training was finishing: this stage is done, the run stops here
+            self.write(status="Interrupted")
+            raise TerminationSignal(signal.SIGTERM)
         self.write(status="Running")
         return ref
 
@@ -378,8 +393,10 @@ def sft(recipe: RecipeName = "tiny", overrides: Overrides = None, store: str | N
     st.clean_tmp()
     _tag(_run_tags(cfg))
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
-    for stage in STAGES:  # authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
-        refs[stage.name] = record.run(stage, facts, refs)
+    stop.clear()  # SIGTERM in training: a checkpoint at the current step, then the run stops (training.stop)
+    with stop.sigterm_stops_training():
+        for stage in STAGES:  # authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
+            refs[stage.name] = record.run(stage, facts, refs)
 
     metrics, adapter = refs["evaluate"], refs["save_adapter"]
     eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -183,6 +184,23 @@ def outcome(exc: BaseException, summary: dict | None) -> tuple[int, str]:
     return code, f"error: {failure_message(exc)}"
 
 
+class Terminated(BaseException):
+    """SIGTERM reached the CLI's own handler: the run stopped (its summary says where; training checkpointed first)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _stopped_line(summary: dict | None) -> str:
+    """The last line of a run stopped by SIGTERM: where, and what the same command resumes from."""
+    stopped = (summary or {}).get("stopped") or {}
+    where = f" during {stopped['stage']}" if stopped.get("stage") else ""
+    resume = stopped.get("resume") or ("run the same command again to resume (finished stages are reused, training "
+                                       "continues from its last checkpoint)")
+    return f"error: stopped by SIGTERM{where}; {resume}"
+
+
 def _stop_prefect() -> None:
     """Flush Prefect's log/event workers and stop its temporary server now (else at exit, after our last line)."""
     try:
@@ -254,8 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
     _server_in_own_group()
+    from prefect.exceptions import TerminationSignal
+
+    signal.signal(signal.SIGTERM, _terminated)  # in training the flow asks for a checkpoint first (training.stop)
     try:
         summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
+    except (Terminated, TerminationSignal):  # SIGTERM (kill, a pod eviction, a spot preemption)
+        _stop_prefect()
+        print(_stopped_line(_this_runs_summary(args)), file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:  # Ctrl-C: the server, in its own group, is still up, so Prefect records it at once
         _stop_prefect()
         print("error: interrupted; run the same command again to resume (finished stages are reused, training "

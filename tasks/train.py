@@ -77,11 +77,14 @@ def run(ctx: StageContext) -> dict:
     from sft_pipeline.launch import multinode_from_env
     from sft_pipeline.parallel import resolve_num_processes
 
+    from sft_pipeline.training import stop
+
     job = train_job(ctx)
     nproc = resolve_num_processes(job.training.num_processes, job.device, job.training.effective_batch, ctx.log)
-    if nproc > 1 or multinode_from_env()["nnodes"] > 1:
-        return _train_ranks(ctx, job, nproc)
-    return _train_here(ctx, job)
+    with stop.accepting():  # a SIGTERM now asks for a checkpoint at the current step (training.stop)
+        if nproc > 1 or multinode_from_env()["nnodes"] > 1:
+            return _train_ranks(ctx, job, nproc)
+        return _train_here(ctx, job)
 
 
 def train_job(ctx: StageContext):

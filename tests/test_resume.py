@@ -259,3 +259,72 @@ def test_tampered_and_deleted_artifacts_are_recomputed(reference, tmp_path):
                                "train": "Cached", "evaluate": "Cached", "benchmark": "Cached",
                                "save_adapter": "Cached", "generate": "Cached"}
     assert summary["adapter"] == ref["adapter"]
+
+
+def run_and_sigterm(store: Path, summary: Path, fault: str, marker: Path, *overrides: str,
+                    pause: bool = False, timeout: float = 600) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run until the fault point, SIGTERM the CLI there (as `kill`, a pod eviction or a spot preemption would), and
+    return how it ended. ``pause``: the point waits for its marker to go, so training goes on to the step's end."""
+    marker.unlink(missing_ok=True)
+    action = "pause" if pause else "hang"
+    proc = start(store, summary, *overrides, env={"SFT_PIPELINE_FAULT": f"{fault}:{action}",
+                                                  "SFT_PIPELINE_FAULT_MARKER": str(marker)})
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before reaching {fault}:\n{proc.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"{fault} not reached in {timeout}s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    if pause:
+        time.sleep(1)  # the handler runs between two of the pause's sleeps
+        marker.unlink()
+    out, _ = proc.communicate(timeout=300)
+    took = time.monotonic() - sent
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, out)
+    return done, {**json.loads(summary.read_text()), "_took": took}
+
+
+@pytest.mark.slow  # four cut-down runs of tiny: ~4 min on free cores, ~12 min on a loaded 2-core machine
+def test_sigterm_checkpoints_training_and_stops_other_stages_cleanly(reference, tmp_path):
+    _, ref = reference
+    store, marker, summary = tmp_path / "store", tmp_path / "reached", tmp_path / "summary.json"
+    every5 = "training.save_steps=5"  # the step-4 checkpoint can only come from the SIGTERM
+
+    # in training: a sealed checkpoint at the step it was in, exit 143, the summary says Interrupted
+    proc, s = run_and_sigterm(store, summary, "train:step=3", marker, every5, pause=True)
+    assert proc.returncode == 143, proc.stdout[-4000:]
+    assert s["status"] == "Interrupted" and s["stages"]["train"]["state"] == "Interrupted", s["stages"]
+    line = error_line(proc)
+    assert "SIGTERM during train" in line and "checkpoint-4" in line and "same command" in line, line
+    ckpt = store / ".work" / "train" / s["stages"]["train"]["key"] / "checkpoint-4"
+    assert (ckpt / "sft-pipeline-complete").is_file(), sorted(p.name for p in ckpt.parent.iterdir())
+    assert not (store / "train").exists()  # no half-trained adapter became an artifact
+
+    # in evaluate and in save_adapter (while its files are written): stopped at once, nothing half-written kept
+    for stage, point in (("evaluate", "start"), ("save_adapter", "write")):
+        proc, s = run_and_sigterm(store, summary, f"{stage}:{point}", marker, every5)
+        assert proc.returncode == 143, proc.stdout[-4000:]
+        assert s["_took"] < 60, s["_took"]
+        assert s["status"] == "Interrupted" and s["stages"][stage]["state"] == "Interrupted", s["stages"]
+        assert "SIGTERM during " + stage in error_line(proc)
+        assert not (store / stage).exists()
+        assert not [p for p in (store / ".tmp").iterdir() if p.name.startswith(stage)]
+        if stage == "evaluate":
+            assert s["stages"]["train"]["state"] == "Completed"
+            assert json.loads((Path(s["stages"]["train"]["artifact"]) / "train_metrics.json").read_text())[
+                "resumed_from_step"] == 4  # resumed from the SIGTERM's checkpoint
+
+    proc, s = run_flow_small(store, summary, every5)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = STAGES[:STAGES.index("save_adapter")]
+    assert [states(s)[n] for n in before] == ["Cached"] * len(before), states(s)
+    assert_same_adapter(Path(s["stages"]["train"]["artifact"]) / "adapter",
+                        Path(ref["stages"]["train"]["artifact"]) / "adapter")
+
+
+def run_flow_small(store: Path, summary: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, "-m", "sft_pipeline.cli", *run_args(store, summary, *overrides)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return proc, json.loads(summary.read_text())

@@ -14,9 +14,11 @@ period ends the process at once).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 
-_state: dict = {"reason": None}
+_state: dict = {"reason": None, "accepting": 0}
 
 
 def request(reason: str = "stop requested") -> None:
@@ -46,3 +48,45 @@ def install_sigterm():
         request("SIGTERM")
 
     return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextlib.contextmanager
+def accepting():
+    """While training runs in this process (or its ranks are launched from it): a SIGTERM under
+    ``sigterm_stops_training`` asks it to stop at a checkpoint instead of ending the process at once."""
+    _state["accepting"] += 1
+    try:
+        yield
+    finally:
+        _state["accepting"] -= 1
+
+
+@contextlib.contextmanager
+def sigterm_stops_training():
+    """For a flow's stages: while training accepts a stop (``accepting``), SIGTERM requests one (a checkpoint at the
+    current step, then ``TrainingInterrupted``); at any other moment SIGTERM does what it did before (in a Prefect
+    flow: Prefect's handler, which ends the run as a Cancel or a crash). The earlier handler is put back afterwards.
+    Outside the main thread (where Python allows no handler) it changes nothing."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        previous = None
+
+    def on_sigterm(signum, frame):
+        if _state["accepting"]:
+            request("SIGTERM")
+        elif callable(previous):
+            previous(signum, frame)
+        else:  # the default (or ignore): as if this handler were not there
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
