@@ -20,7 +20,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -118,7 +118,7 @@ class RunRecord:
             # run on SIGTERM (a Cancel from the UI, else a crash; the hook ``stopped`` then writes its report)
             record.update(state="Interrupted", error=state.message, **started)  # its key names its checkpoints
             self.write(status="Interrupted")
-            raise TerminationSignal(signal.SIGTERM)
+            _end_stopped_run()
         if not state.is_completed():
             try:
                 state.result()
@@ -132,7 +132,7 @@ class RunRecord:
             record["splits"] = ref.read_json("stats.json")["splits"]
         if stop.requested():  # a SIGTERM while training was finishing: this stage is done, the run stops here
             self.write(status="Interrupted")
-            raise TerminationSignal(signal.SIGTERM)
+            _end_stopped_run()
         self.write(status="Running")
         return ref
 
@@ -159,6 +159,29 @@ class RunRecord:
                                                             problem)
         self.push_failed = bool(problem)
         return summary
+
+
+def _end_stopped_run() -> NoReturn:
+    """End a run whose training stopped on SIGTERM (``training.stop``: its checkpoint is sealed) as Prefect ends a
+    run on SIGTERM. A Cancel from the UI: the worker sent it while training held the SIGTERM handler, so Prefect's
+    engine could not take the cancel as its own; once this process is gone the worker runs the cancellation hooks and
+    marks the run Cancelled, so exit now, the run's logs sent (143: as SIGTERM's). Any other SIGTERM (``kill``, an
+    eviction): Prefect's ``TerminationSignal``, as if its own handler had caught it (a crash; the CLI exits 143)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            cancelling = client.read_flow_run(flow_run.get_id()).state.is_cancelling()
+    except Exception:  # noqa: BLE001 - no API to ask (it went away): end as a crash, which the CLI reports
+        cancelling = False
+    if cancelling:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all()
+        os._exit(143)
+    raise TerminationSignal(signal.SIGTERM)
 
 
 def _artifact_key(kind: str, recipe: str) -> str:
@@ -394,9 +417,8 @@ def sft(recipe: RecipeName = "tiny", overrides: Overrides = None, store: str | N
     _tag(_run_tags(cfg))
     record, facts, refs = RunRecord(st, cfg, summary_json), Facts(cfg, store=st), {}
     stop.clear()  # SIGTERM in training: a checkpoint at the current step, then the run stops (training.stop)
-    with stop.sigterm_stops_training():
-        for stage in STAGES:  # authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
-            refs[stage.name] = record.run(stage, facts, refs)
+    for stage in STAGES:  # authenticate → data → format → train → evaluate → benchmark → save_adapter → generate
+        refs[stage.name] = record.run(stage, facts, refs)
 
     metrics, adapter = refs["evaluate"], refs["save_adapter"]
     eval_metrics, train_metrics = metrics.read_json("metrics.json"), refs["train"].read_json("train_metrics.json")

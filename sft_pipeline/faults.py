@@ -5,7 +5,8 @@
 - point: ``start`` (the stage begins computing), ``write`` (its files are in the temp dir, before the manifest and
   the rename), ``step=N`` (training, after N optimizer steps and their checkpoint, before step N+1), ``upload``
   (a store on object storage: the artifact's files are uploaded, its manifest not yet)
-- action: ``hang`` (write ``$SFT_PIPELINE_FAULT_MARKER`` if set, then sleep until killed), ``pause`` (write the
+- action: ``hang`` (write ``$SFT_PIPELINE_FAULT_MARKER`` if set, then sleep until killed, or in training until
+  a stop is requested), ``pause`` (write the
   marker, then wait until the test removes it, and go on), ``oom`` (raise ``torch.OutOfMemoryError``, a simulated
   CUDA out-of-memory), ``ioerror`` (a transient ``OSError``), ``error`` (a ``RuntimeError`` that no retry fixes)
 
@@ -48,8 +49,11 @@ def point(stage: str, where: str) -> None:
             marker = os.environ.get(MARKER_ENV)
             if marker:
                 Path(marker).write_text(f"{os.getpid()} {item}\n")
-            while action == "hang" or (marker and Path(marker).exists()):
-                time.sleep(60 if action == "hang" else 0.2)
+            from sft_pipeline.training import stop
+
+            # a SIGTERM that asks training to stop (training.stop) ends the wait too: the step goes on to its end
+            while (action == "hang" or (marker and Path(marker).exists())) and not stop.requested():
+                time.sleep(0.2)
             return
         if action == "oom":
             import torch

@@ -124,7 +124,13 @@ class Progress(TrainerCallback):
         self._show(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        # training ended normally (an exception skips this event): the bar shows done even after an early stop
+        # training ended normally (an exception skips this event): the bar shows done even after an early stop, but
+        # not after a stop on SIGTERM (training.stop): that run ends interrupted, and its card says where it stopped
+        from sft_pipeline.training import stop
+
+        if stop.requested():
+            self._show(state)
+            return
         elapsed = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
         self._show(state, done=f"done in {_eta(elapsed)}")
 

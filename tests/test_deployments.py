@@ -487,8 +487,9 @@ def _click(browser, wait, button: str, confirm: str) -> None:
 
 @pytest.mark.slow  # ~4 min here: 8 steps trained in two attempts, the cancel's hook process (~40 s), the other stages
 def test_a_cancelled_run_says_where_it_stopped_and_retry_resumes_there(prefect, tmp_path):
-    """Cancel from the UI while training (held after step 4 and its checkpoint by a test fault): the run ends
-    Cancelled, its summary says Cancelled, its report and progress card say that checkpoint-4 is kept; Retry from the
+    """Cancel from the UI while training (held after step 4 and its checkpoint by a test fault): the SIGTERM makes
+    training finish step 5 and save checkpoint-5 (training.stop), the run ends Cancelled, its summary says Cancelled,
+    its report and progress card say that checkpoint-5 is kept; Retry from the
     UI resumes there, on the same progress card, and the report marks the attempt and the steps it trained."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -531,12 +532,12 @@ def test_a_cancelled_run_says_where_it_stopped_and_retry_resumes_there(prefect, 
         summary = summary_of(store, cancelled)
         assert summary["status"] == "Cancelled" and summary["stages"]["train"]["state"] == "Cancelled"
         ckpt = Path(summary["stopped"]["checkpoint"])
-        assert summary["stopped"]["step"] == 4 and ckpt.name == "checkpoint-4" and (ckpt / "sft-pipeline-complete").is_file()
-        kept = "checkpoint-4 kept; Retry resumes from step 4"
+        assert summary["stopped"]["step"] == 5 and ckpt.name == "checkpoint-5" and (ckpt / "sft-pipeline-complete").is_file()
+        kept = "checkpoint-5 kept; Retry resumes from step 5"
         (stopped,) = [a for a in _artifacts(server, run_id) if a["key"] == "sft-report-tiny"]
         assert stopped["description"] == f"Cancelled during train · {kept}"
         assert f"The run was **Cancelled** during the **train** stage: {kept}." in stopped["data"]
-        assert re.fullmatch(rf"stopped at step 4/8 · loss [\d.]+ · Cancelled: {kept}", card()["description"])
+        assert re.fullmatch(rf"stopped at step 5/8 · loss [\d.]+ · Cancelled: {kept}", card()["description"])
         lines = [e["message"] for e in _logs(server, run_id, until=lambda e: any(kept in x["message"] for x in e))]
         assert f"Cancelled during train: {kept}" in lines, lines[-10:]
         browser.get(f"{server.url}/artifacts/artifact/{stopped['id']}")
@@ -559,14 +560,14 @@ def test_a_cancelled_run_says_where_it_stopped_and_retry_resumes_there(prefect, 
         retried = completed(server, server.wait_final(run_id))
         assert retried["run_count"] == 2
         summary = summary_of(store, retried)
-        assert summary["attempt"] == 2 and summary["train"]["resumed_from_step"] == 4
+        assert summary["attempt"] == 2 and summary["train"]["resumed_from_step"] == 5
         assert card()["data"] == 100 and card()["description"].startswith("step 8/8 · loss ")  # the same card
         (report,) = [a for a in _artifacts(server, run_id) if a["key"] == "sft-report-tiny"
                      and a["description"].startswith("Completed")]
         assert report["description"] == _outcome(summary) + " · attempt 2" == retried["state"]["message"]
-        assert "**Attempt 2** of this flow run (a Retry)" in report["data"] and "training resumed from checkpoint-4" \
+        assert "**Attempt 2** of this flow run (a Retry)" in report["data"] and "training resumed from checkpoint-5" \
             in report["data"]
-        assert re.search(r"- training time: [\w ]+ for steps 4→8 ", report["data"]), report["data"]
+        assert re.search(r"- training time: [\w ]+ for steps 5→8 ", report["data"]), report["data"]
         browser.get(f"{server.url}/artifacts/artifact/{report['id']}")
         wait.until(lambda b: "Attempt 2" in _body(b))
         _shot(browser, tmp_path, "retried-report.png")

@@ -15,10 +15,9 @@ period ends the process at once).
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 
-_state: dict = {"reason": None, "accepting": 0}
+_state: dict = {"reason": None, "accepting": 0}  # accepting: how many ``accepting`` blocks are open
 
 
 def request(reason: str = "stop requested") -> None:
@@ -52,41 +51,18 @@ def install_sigterm():
 
 @contextlib.contextmanager
 def accepting():
-    """While training runs in this process (or its ranks are launched from it): a SIGTERM under
-    ``sigterm_stops_training`` asks it to stop at a checkpoint instead of ending the process at once."""
+    """While training runs in this process (or its ranks are launched from it): SIGTERM requests a stop (a sealed
+    checkpoint at the current step, then ``TrainingInterrupted``) instead of doing what it did before (in a Prefect
+    flow: Prefect's handler, which ends the run at once). The earlier handler is back afterwards. Outside the main
+    thread (where Python allows no handler) only a stop requested by other means (``request``) is seen."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: request("SIGTERM"))
+    except ValueError:  # not the main thread
+        previous = None
     _state["accepting"] += 1
     try:
         yield
     finally:
         _state["accepting"] -= 1
-
-
-@contextlib.contextmanager
-def sigterm_stops_training():
-    """For a flow's stages: while training accepts a stop (``accepting``), SIGTERM requests one (a checkpoint at the
-    current step, then ``TrainingInterrupted``); at any other moment SIGTERM does what it did before (in a Prefect
-    flow: Prefect's handler, which ends the run as a Cancel or a crash). The earlier handler is put back afterwards.
-    Outside the main thread (where Python allows no handler) it changes nothing."""
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-    except ValueError:
-        previous = None
-
-    def on_sigterm(signum, frame):
-        if _state["accepting"]:
-            request("SIGTERM")
-        elif callable(previous):
-            previous(signum, frame)
-        else:  # the default (or ignore): as if this handler were not there
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
