@@ -81,12 +81,14 @@ class RunRecord:
         self.attempts = Attempts()
         self.path = store.root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
 
-    def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef]) -> ArtifactRef:
+    def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef], cfg=None) -> ArtifactRef:
+        """Run one stage as a task. ``cfg``: the config that stage sees, when not the run's (the DPO flow runs the
+        SFT recipe's stages with that recipe's config)."""
         t0 = time.perf_counter()
         task_ = run_stage.with_options(name=stage.name, retries=stage.retries,
                                        retry_delay_seconds=RETRY_DELAYS[: max(stage.retries, 1)])
         try:
-            state = task_(stage, self.cfg, str(self.store.root), {n: refs[n] for n in stage.needs}, facts,
+            state = task_(stage, cfg or self.cfg, str(self.store.root), {n: refs[n] for n in stage.needs}, facts,
                           self.attempts, return_state=True)
         except KeyboardInterrupt:  # Ctrl-C: the summary says where it stopped; the same command resumes there
             self.stages[stage.name] = {"state": "Interrupted", "seconds": round(time.perf_counter() - t0, 2)}

@@ -40,6 +40,8 @@ def _config_changes(old: dict, new: dict) -> list[str]:
             out.append("the base model changed (its name, revision or files)")
         elif k == "data.content":
             out.append("the data's content changed")
+        elif k == "preference_content":  # the DPO stages' fact (flows/dpo_stages.py)
+            out.append("the preference data's content changed")
         elif k.startswith("secrets."):
             out.append(f"where the {k.split('.', 1)[1]} is found changed")
         else:
@@ -91,9 +93,12 @@ def _why_new(store: Store, stage: str, parts: dict) -> str:
     return "; ".join(changes) or "inputs differ from the earlier run"
 
 
-def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
-    """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``."""
-    facts, history = Facts(cfg, blocks=bool(os.environ.get("PREFECT_API_URL")), store=store), _run_history(store)
+def plan(cfg, store: Store, stages: Iterable[Stage], then: Iterable[tuple[Any, Iterable[Stage]]] = ()) -> list[dict]:
+    """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``.
+
+    ``then``: more (config, stage table) pairs walked after ``stages``, reading their artifacts (a DPO recipe's
+    stages, with the config they see, after its SFT recipe's)."""
+    blocks, history = bool(os.environ.get("PREFECT_API_URL")), _run_history(store)
     refs: dict[str, ArtifactRef | None] = {}  # None: this run would make a new artifact, its fingerprint unknown
     redo: set[str] = set()  # stages that would re-run an earlier key: expected to reproduce its output
     steps: list[dict] = []
@@ -101,7 +106,7 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
     def add(stage: str, decision: str, key: str | None, reason: str, artifact: str | None = None) -> None:
         steps.append({"stage": stage, "decision": decision, "key": key, "reason": reason, "artifact": artifact})
 
-    for stage in stages:
+    for cfg, stage, facts in _walk([(cfg, stages), *then], blocks, store):
         pending = [n for n in stage.needs if refs[n] is None]
         if pending:
             verb = "runs" if len(pending) == 1 else "run"
@@ -129,6 +134,14 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
             else _why_new(store, stage.name, parts))
         refs[stage.name] = None
     return steps
+
+
+def _walk(tables, blocks: bool, store: Store):
+    """(config, stage, facts) for every stage of every (config, stage table), in order; the facts once per config."""
+    for cfg, stages in tables:
+        facts = Facts(cfg, blocks=blocks, store=store)
+        for stage in stages:
+            yield cfg, stage, facts
 
 
 # measured on one H100 80GB, Mistral-7B architecture, QLoRA, packing, max length 2048 (BENCHMARKS.md)
