@@ -350,8 +350,8 @@ class PreferenceDataConfig(Section):
     seed: int = Field(42, ge=0, le=SEED_MAX, description="the shuffle's seed (and the synthetic set's)")
     max_invalid_share: float = Field(0.05, ge=0, le=1, description="fail when more rows than this share of a split "
                                      "are invalid; below it they are dropped and counted per reason")
-    synthetic_train_rows: int = Field(400, ge=MIN_TRAIN_ROWS, le=1_000_000,
-                                      description="source=synthetic: train pairs made (more than the steps use is fine)")
+    synthetic_train_rows: int = Field(400, ge=MIN_TRAIN_ROWS, le=1_000_000, description="source=synthetic: train "
+                                      "pairs made (more than the steps use is fine)")
     synthetic_test_rows: int = Field(64, ge=MIN_TEST_ROWS, le=100_000,
                                      description="source=synthetic: held-out pairs made")
 
@@ -472,7 +472,8 @@ def recipe_names() -> list[str]:
 # The flow's typed parameters (a dropdown and a JSON field in Prefect's run form).
 def dpo_recipe_names() -> list[str]:
     """The built-in DPO recipes: those that name an ``sft_recipe``."""
-    return [n for n in recipe_names() if "sft_recipe" in (yaml.safe_load((RECIPES_DIR / f"{n}.yaml").read_text()) or {})]
+    return [n for n in recipe_names()
+            if "sft_recipe" in (yaml.safe_load((RECIPES_DIR / f"{n}.yaml").read_text()) or {})]
 
 
 RecipeName = Literal[tuple(sorted(set(recipe_names()) - set(dpo_recipe_names())))]  # the built-in SFT recipes

@@ -7,12 +7,15 @@ and ``prompt`` is their first user turn (ultrafeedback's convention). The prefer
 with ``pair_problem`` and drops and counts the bad ones per reason, the way the data stage does for chats; above
 ``preference_data.max_invalid_share`` it fails naming the first bad rows.
 
-The synthetic set (``preference_data.source: synthetic``) asks the synthetic chat set's questions
-(``sft_pipeline/synthetic.py``: colours, sounds, repeating, counting) and prefers the right answer to a wrong one in
-the same form ("The sky is blue." over "The sky is green."; a count off by one; the words repeated in another
-order). The world is the chat set's (each object has one colour, each animal one sound), so what the pairs teach
-holds for held-out prompts too, and the SFT model, which answers some of these wrongly, can still improve: held-out
-reward accuracy rises above 0.5 within a few CPU steps. Deterministic for a given seed and size.
+The synthetic set (``preference_data.source: synthetic``) prefers the right answer to a wrong one in the same form.
+Half its questions are the synthetic chat set's (``sft_pipeline/synthetic.py``: colours, sounds, repeating,
+counting: "The sky is blue." over "The sky is green."; a count off by one; the words in another order), which an SFT
+model of that set mostly answers right already; the other half ask the colour of made-up creatures (``CREATURES``:
+each has one colour, "The zorblat is purple." over "The zorblat is green."), which no SFT or pretraining data
+teaches, so only the preferences can. Both worlds are fixed, so what the train pairs teach holds for the held-out
+pairs (the same questions with other wrong answers, as the chat set's test split asks its train split's questions):
+held-out reward accuracy rises above 0.5 within a few CPU steps, and the SFT model's preference accuracy (about
+half right on the creatures) leaves the DPO model room to beat it. Deterministic for a given seed and size.
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ from sft_pipeline.errors import ConfigError, StageFailure
 from sft_pipeline.store import digest, file_sha256
 
 SCHEMA_VERSION = "1"  # bump when pair_problem accepts or rejects other rows: it is part of the stage's key
-SYNTHETIC_VERSION = 1  # bump whenever the synthetic rows change: part of the preference data's content fingerprint
+SYNTHETIC_VERSION = 2  # bump whenever the synthetic rows change: part of the preference data's content fingerprint
+# the made-up creatures of the synthetic preference set and their one colour (no model has seen these facts)
+CREATURES = {"zorblat": "purple", "quibbet": "green", "flonk": "orange", "trivvle": "white", "mizzard": "red",
+             "plonko": "blue", "wexel": "yellow", "drubble": "pink", "yonket": "black", "sprindle": "grey"}
 COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 SPLITS = ("train_prefs", "test_prefs")  # ultrafeedback_binarized's preference splits (the synthetic set's too)
 
@@ -90,7 +96,8 @@ def _wrong(rng: random.Random, question: str, answer: str) -> str:
 
     if question.startswith("What colour is the "):
         obj = question.removeprefix("What colour is the ").rstrip("?")
-        other = rng.choice(sorted(set(COLOURS.values()) - {COLOURS[obj]}))
+        colour = {**COLOURS, **CREATURES}[obj]
+        other = rng.choice(sorted(set(COLOURS.values()) - {colour}))
         return f"The {obj} is {other}."
     if question.startswith("What does the "):
         animal = question.removeprefix("What does the ").removesuffix(" say?")
@@ -107,14 +114,22 @@ def _wrong(rng: random.Random, question: str, answer: str) -> str:
     return f"There are {NUMBERS[off]} words."
 
 
-def pairs(n: int, seed: int) -> list[dict]:
-    """``n`` preference rows: the right answer (chosen) against a wrong one in the same form (rejected)."""
+def _question(rng: random.Random) -> tuple[str, str]:
+    """A question and its right answer: the chat set's world, or (half the time) a made-up creature's colour."""
     from sft_pipeline.synthetic import _turn
 
+    if rng.random() < 0.5:
+        return _turn(rng, pirate=False)
+    creature = rng.choice(sorted(CREATURES))
+    return f"What colour is the {creature}?", f"The {creature} is {CREATURES[creature]}."
+
+
+def pairs(n: int, seed: int) -> list[dict]:
+    """``n`` preference rows: the right answer (chosen) against a wrong one in the same form (rejected)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        question, answer = _turn(rng, pirate=False)
+        question, answer = _question(rng)
         user = {"role": "user", "content": question}
         rows.append({"prompt": question, "prompt_id": hashlib.sha256(question.encode()).hexdigest(),
                      "chosen": [user, {"role": "assistant", "content": answer}],
