@@ -75,9 +75,10 @@ def _quiet_env() -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"\n{'stage':<14}{'state':<11}{'seconds':>8}  artifact")
+    w = max([14] + [len(n) + 2 for n in summary["stages"]])  # the DPO stages' names are longer
+    print(f"\n{'stage':<{w}}{'state':<11}{'seconds':>8}  artifact")
     for name, rec in summary["stages"].items():
-        print(f"{name:<14}{rec['state']:<11}{rec['seconds']:>8.1f}  {rec.get('artifact', rec.get('error', ''))}")
+        print(f"{name:<{w}}{rec['state']:<11}{rec['seconds']:>8.1f}  {rec.get('artifact', rec.get('error', ''))}")
     if "eval" in summary:
         ev = summary["eval"]
         print(f"\neval loss: base {ev['base']['eval_loss']:.4f} -> tuned {ev['tuned']['eval_loss']:.4f} "

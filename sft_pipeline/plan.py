@@ -198,10 +198,11 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
 
 
 def print_plan(steps: list[dict], file=None, est: dict | None = None) -> None:
-    print(f"{'stage':<14}{'plan':<7}{'key':<26}why", file=file)
+    w = max([14] + [len(s["stage"]) + 2 for s in steps])  # the DPO stages' names are longer
+    print(f"{'stage':<{w}}{'plan':<7}{'key':<26}why", file=file)
     for s in steps:
         why = s["reason"] + (f": {s['artifact']}" if s["artifact"] else "")
-        print(f"{s['stage']:<14}{s['decision']:<7}{(s['key'] or '?'):<26}{why}", file=file)
+        print(f"{s['stage']:<{w}}{s['decision']:<7}{(s['key'] or '?'):<26}{why}", file=file)
     if est and "hours" in est:
         cost = f", cost {est['cost']:.2f} at training.price_per_hour" if "cost" in est else ""
         print(f"\ntraining estimate: {est['tokens']:,} tokens at {est['tokens_per_second']:,.0f} tok/s "

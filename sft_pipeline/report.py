@@ -253,15 +253,15 @@ def dpo_png(log_history: list[dict]) -> bytes:
     loss_ax.set_ylabel("loss (lower is better; ln 2 = 0.693 at the start)")
     loss_ax.set_title("DPO loss")
     acc_ax.set_ylim(-0.05, 1.05)
-    acc_ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    acc_ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # a coin's accuracy
     acc_ax.set_ylabel("share of pairs (higher is better)")
     acc_ax.set_title("Reward accuracy and margin (training batches)")
     if pts := points("reward_margin"):
         margin_ax = acc_ax.twinx()
         margin_ax.plot(*zip(*pts), label="reward margin", color="tab:orange", marker=".", linewidth=1)
         margin_ax.set_ylabel("reward margin (chosen - rejected)")
-        lines = acc_ax.get_lines() + margin_ax.get_lines()
-        acc_ax.legend(lines, [ln.get_label() for ln in lines if ln.get_label()], loc="lower right")
+        lines = [ln for ln in acc_ax.get_lines() + margin_ax.get_lines() if not ln.get_label().startswith("_")]
+        acc_ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
