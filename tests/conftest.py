@@ -113,6 +113,16 @@ def tiny_run(session_dir):
     return store, summary, proc
 
 
+@pytest.fixture(scope="session")
+def smollm2_run(session_dir):
+    """The smollm2-135m recipe run once into ``<session>/smollm2-store`` (tests/test_smollm2.py; tests/test_dpo.py
+    runs the DPO recipe on top of it). Returns (store, summary)."""
+    store = session_dir / "smollm2-store"
+    proc, summary = run_flow(store, recipe="smollm2-135m")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return store, summary
+
+
 def tiny_trainer_inputs(tiny_run, rows: int):
     """What build_trainer takes from the shared tiny run (its first ``rows`` train rows, the tokenizer, the model
     directory), for tests that build the train stage's trainer themselves."""

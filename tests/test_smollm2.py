@@ -17,14 +17,6 @@ import pytest
 from tests.conftest import ROOT, run_flow
 
 
-@pytest.fixture(scope="module")
-def smollm2_run(session_dir):
-    store = session_dir / "smollm2-store"
-    proc, summary = run_flow(store, recipe="smollm2-135m")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return store, summary
-
-
 def test_recipe_makes_the_model_better_and_it_still_ends_its_turns(smollm2_run):
     _, summary = smollm2_run
     assert [s["state"] for s in summary["stages"].values()] == ["Completed"] * 7, summary["stages"]
