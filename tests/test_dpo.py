@@ -270,3 +270,26 @@ def test_the_dpo_deployment_names_the_dpo_flow_with_valid_parameters():
     assert dpo.validate_parameters(dep["parameters"])["recipe"] == "smollm2-135m-dpo"
     assert dpo.parameters.model_dump()["properties"]["recipe"]["enum"] == ["smollm2-135m-dpo", "tiny-dpo",
                                                                          "zephyr-7b-dpo-qlora"]
+
+
+def test_a_dpo_recipes_sft_config_is_the_sft_recipes_and_every_dpo_row_names_real_fields():
+    from flows.dpo_stages import DPO_STAGES, DPOStageConfig
+    from sft_pipeline.config import load_config, load_dpo_config
+    from sft_pipeline.stage import FACTS, ConfigView
+
+    dpo = load_dpo_config("tiny-dpo", ["training.max_steps=7", "dpo_training.beta=0.3"])
+    assert dpo.sft == load_config("tiny", ["training.max_steps=7"])  # what the SFT stages see: the keys follow
+    assert (dpo.recipe, dpo.sft.recipe, dpo.dpo_training.beta) == ("tiny-dpo", "tiny", 0.3)
+    view = DPOStageConfig(dpo)
+    for stage in DPO_STAGES:
+        for name in stage.keyed + stage.reads:
+            if name in FACTS:
+                continue
+            obj = view
+            for part in name.split("."):
+                assert hasattr(obj, part), f"stage {stage.name}: {name} is not a field"
+                obj = getattr(obj, part)
+    row = ConfigView(view, frozenset({"dpo_training", "model"}), "dpo_train")
+    assert row.dpo_training.beta == 0.3 and row.model.name == "tiny-mistral"
+    with pytest.raises(AttributeError, match="stage 'dpo_train' reads dpo_evaluation"):
+        row.dpo_evaluation
