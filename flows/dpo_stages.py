@@ -51,8 +51,8 @@ DPO_STAGES: tuple[Stage, ...] = (
                  "preference_data.test_split"),
           code=(preference_format.VERSION,)),
     Stage("dpo_train", dpo_train.run, needs=("save_adapter", "preference_format"),
-          keyed=("model", "model.attn_implementation", "quantization", "dpo_training", "preference_format.max_length",
-                 "preference_data.train_split"),
+          keyed=("model", "model.attn_implementation", "quantization", "training.device", "dpo_training",
+                 "preference_format.max_length", "preference_data.train_split"),
           reads=("dpo_training.price_per_hour",),  # the cost estimate's price only
           code=(dpo_train.VERSION,), retries=1),
     Stage("dpo_evaluate", dpo_evaluate.run, needs=("save_adapter", "preference_format", "dpo_train"),

@@ -36,7 +36,7 @@ def states(summary: dict) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def smollm2_dpo(smollm2_run):
     store, sft = smollm2_run
-    proc, summary = run_flow(store, recipe="smollm2-135m-dpo")
+    proc, summary = run_flow(store, recipe="smollm2-135m-dpo", timeout=3600)  # 28 min at load 8-17
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return store, sft, summary, proc
 
