@@ -41,7 +41,7 @@ def smollm2_dpo(smollm2_run):
     return store, sft, summary, proc
 
 
-@pytest.mark.slow  # the DPO stages on SmolLM2-135M: ~3 min on free cores (the SFT run before it: see test_smollm2)
+@pytest.mark.slow  # the DPO run on SmolLM2-135M: 7 min at load 3, 28 min at load 8-17 (and the SFT run before it)
 def test_dpo_reuses_the_sft_stages_and_learns_the_preferences(smollm2_dpo):
     from sft_pipeline import report
 
@@ -157,7 +157,7 @@ def adapter_diff(a: str | Path, b: str | Path) -> float:
     return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
 
 
-@pytest.mark.slow  # three tiny-dpo runs (uninterrupted, killed, resumed): ~4 min on the shared 2-core machine
+@pytest.mark.slow  # three tiny-dpo runs (uninterrupted, killed, resumed): 615 s at load ~8 (+ the session's tiny run)
 def test_killed_mid_dpo_resumes_from_its_checkpoint_and_bad_rows_are_counted(tiny_sft, tmp_path):
     pairs = write_pairs(tmp_path / "pairs", bad_train=3)  # 3 of 40 bad: under the 0.1 share, dropped and counted
     ref_store, ref_summary = sft_store(tiny_sft, tmp_path / "ref"), tmp_path / "ref.json"
@@ -202,6 +202,7 @@ def test_killed_mid_dpo_resumes_from_its_checkpoint_and_bad_rows_are_counted(tin
     assert resumed["stages"]["dpo_train"]["key"] == uninterrupted["stages"]["dpo_train"]["key"]
 
 
+@pytest.mark.slow  # one run failing at preference_data, five CLI calls exiting 2: 93 s at load ~8
 def test_too_many_bad_rows_fail_with_one_line_and_a_bad_dpo_config_exits_2(tiny_sft, tmp_path):
     pairs = write_pairs(tmp_path / "pairs", bad_train=9)  # 9 of 40: above the 0.1 share
     store = sft_store(tiny_sft, tmp_path / "store")
