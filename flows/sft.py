@@ -91,7 +91,9 @@ class RunRecord:
         self.path = store.root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
         self.push_failed = False
 
-    def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef]) -> ArtifactRef:
+    def run(self, stage: Stage, facts: Facts, refs: dict[str, ArtifactRef], cfg=None) -> ArtifactRef:
+        """Run one stage as a task. ``cfg``: the config that stage sees, when not the run's (the DPO flow runs the
+        SFT recipe's stages with that recipe's config)."""
         t0 = time.perf_counter()
         task_ = run_stage.with_options(name=stage.name, retries=stage.retries,
                                        retry_delay_seconds=RETRY_DELAYS[: max(stage.retries, 1)])
@@ -102,7 +104,7 @@ class RunRecord:
         self.stages[stage.name] = self._running(stage, facts, refs)
         self.write(status="Running")  # a stop from outside (Cancel) finds the stage, and its work dir, here
         try:
-            state = task_(stage, self.cfg, self.store, {n: refs[n] for n in stage.needs}, facts,
+            state = task_(stage, cfg or self.cfg, self.store, {n: refs[n] for n in stage.needs}, facts,
                           self.attempts, return_state=True)
         except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (a Cancel from the UI): the summary
             # says where it stopped; the same command (or Retry) resumes there. A Cancel's hook then says Cancelled.

@@ -5,6 +5,9 @@
     sft-pipeline serve [--name served] [--cron '0 3 * * *'] [--recipe ...] [--set ...] [--store DIR]
     sft-pipeline plan  (same options): which stages a run would reuse or compute, and why; runs nothing
 
+A DPO recipe (one naming an ``sft_recipe``: ``smollm2-135m-dpo``, ``zephyr-7b-dpo-qlora``) runs the DPO flow
+(``flows/dpo.py``): its SFT recipe's stages, reused when that recipe ran before, then the DPO stages.
+
 Exit codes: 0 done, 1 a stage failed (its message is printed), 2 bad config or arguments (before any stage runs).
 A killed or failed run resumes when the same command runs again (finished stages are reused, training continues
 from its last checkpoint).
@@ -45,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--summary-json", default=None, help="write the run summary (per-stage state, seconds, "
                                                               "artifacts, eval metrics, adapter path) here; for "
                                                               "plan: the plan")
-    sub.add_parser("run", parents=[common, summary], help="run the stages (finished ones are reused)")
+    sub.add_parser("run", parents=[common, summary], help="run the stages (finished ones are reused); a DPO "
+                                                          "recipe: its SFT recipe's stages, then the DPO stages")
     sub.add_parser("plan", parents=[common, summary], help="say which stages a run would reuse or compute, and "
                                                            "why; runs nothing")
     serve = sub.add_parser("serve", parents=[common], help="serve the flow as a Prefect deployment (runs from the "
@@ -89,9 +93,10 @@ def _quiet_env() -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"\n{'stage':<14}{'state':<11}{'seconds':>8}  artifact")
+    w = max([14] + [len(n) + 2 for n in summary["stages"]])  # the DPO stages' names are longer
+    print(f"\n{'stage':<{w}}{'state':<11}{'seconds':>8}  artifact")
     for name, rec in summary["stages"].items():
-        print(f"{name:<14}{rec['state']:<11}{rec['seconds']:>8.1f}  {rec.get('artifact', rec.get('error', ''))}")
+        print(f"{name:<{w}}{rec['state']:<11}{rec['seconds']:>8.1f}  {rec.get('artifact', rec.get('error', ''))}")
     if "eval" in summary:
         ev = summary["eval"]
         print(f"\neval loss: base {ev['base']['eval_loss']:.4f} -> tuned {ev['tuned']['eval_loss']:.4f} "
@@ -223,15 +228,24 @@ def _store(args):
                  block=args.store_block)
 
 
-def _plan(args) -> int:
+def _plan(args, dpo: bool = False) -> int:
     """Predict the run from the stage table and the store alone: no Prefect server is started (unless
-    ``--store-block`` names a block to read the object store's credentials from)."""
+    ``--store-block`` names a block to read the object store's credentials from). A DPO recipe: the SFT recipe's
+    stages with its config, then the DPO stage table (``flows/dpo_stages.py``)."""
     from flows.stages import STAGES
-    from sft_pipeline.config import load_config
+    from sft_pipeline.config import load_config, load_dpo_config
     from sft_pipeline.plan import estimate, plan, print_plan, write_plan
 
-    cfg, store = load_config(args.recipe, args.overrides), _store(args)
-    steps = plan(cfg, store, STAGES)
+    store = _store(args)
+    if dpo:
+        from flows.dpo_stages import DPO_STAGES, DPOStageConfig
+
+        dpo_cfg = load_dpo_config(args.recipe, args.overrides)
+        cfg = dpo_cfg.sft
+        steps = plan(cfg, store, STAGES, then=[(DPOStageConfig(dpo_cfg), DPO_STAGES)])
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+        steps = plan(cfg, store, STAGES)
     est = estimate(cfg, store, steps)
     print_plan(steps, est=est)
     if args.summary_json:
@@ -241,10 +255,12 @@ def _plan(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from sft_pipeline.config import ConfigError, load_config, recipe_names
+    from sft_pipeline.config import (ConfigError, dpo_recipe_names, is_dpo_recipe, load_config, read_recipe,
+                                     recipe_names, recipe_path)
 
     if args.command == "recipes":
-        print("\n".join(recipe_names()))
+        dpo = {n: read_recipe(recipe_path(n))['sft_recipe'] for n in dpo_recipe_names()}
+        print("\n".join(n + (f"  (DPO after {dpo[n]})" if n in dpo else "") for n in recipe_names()))
         return 0
     from sft_pipeline.quiet import quiet, quiet_prefect
 
@@ -258,25 +274,37 @@ def main(argv: list[str] | None = None) -> int:
         # flow, where Prefect's API is up to read it from; plan reads it here)
         check_paths(args.store, getattr(args, "summary_json", None), cache_dir=args.cache_dir,
                     block=args.store_block, connect=not args.store_block or args.command == "plan")
-        preflight.check(load_config(args.recipe, args.overrides), _store(args).root)
+        dpo = is_dpo_recipe(args.recipe)  # a DPO recipe runs the DPO flow (flows/dpo.py)
+        if dpo:
+            from sft_pipeline import preference
+            from sft_pipeline.config import load_dpo_config
+
+            dpo_cfg = load_dpo_config(args.recipe, args.overrides)
+            preflight.check(dpo_cfg.sft, _store(args).root)
+            preference.check(dpo_cfg)
+        else:
+            preflight.check(load_config(args.recipe, args.overrides), _store(args).root)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.command == "plan":
-        return _plan(args)
-    from flows.sft import sft
+        return _plan(args, dpo)
+    if dpo:
+        from flows.dpo import dpo as flow
+    else:
+        from flows.sft import sft as flow
 
     quiet_prefect(args.verbose, cli_prints_errors=args.command == "run")
 
     if args.command == "serve":
-        sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
+        flow.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
     _server_in_own_group()
     from prefect.exceptions import TerminationSignal
 
     signal.signal(signal.SIGTERM, _terminated)  # in training the flow asks for a checkpoint first (training.stop)
     try:
-        summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
+        summary = flow(**_flow_parameters(args), summary_json=args.summary_json)
     except (Terminated, TerminationSignal):  # SIGTERM (kill, a pod eviction, a spot preemption)
         _stop_prefect()
         print(_stopped_line(_this_runs_summary(args)), file=sys.stderr)
@@ -293,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(code)
     _stop_prefect()
     _print_summary(summary)
+    if dpo:
+        from sft_pipeline.report import dpo_lines
+
+        print("\n".join(dpo_lines(summary)))
     return 0
 
 

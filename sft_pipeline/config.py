@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from sft_pipeline.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+OverrideValue = str | int | float | bool | list | dict | None  # a JSON value, checked against the config model
 
 
 # A name that becomes one path component (``promoted/<recipe>.json``, ``<split>.parquet``): no separators, no
@@ -361,14 +362,160 @@ class PipelineConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------------- DPO sections
+# A DPO recipe (flows/dpo.py) names the SFT recipe it starts from and adds these sections, one per DPO stage:
+# preference_data -> preference_format -> dpo_train (dpo_training) -> dpo_evaluate (dpo_evaluation) ->
+# dpo_save_adapter -> dpo_generate (dpo_generation).
+class PreferenceDataConfig(Section):
+    """Preference pairs in ultrafeedback_binarized's schema: prompt, chosen, rejected (message lists), scores."""
+
+    source: Literal["hub", "local", "synthetic"] = Field(
+        "hub", description="hub: a data set on the Hugging Face Hub; local: parquet/jsonl files; synthetic: an offline "
+                           "set made here (for tests and the demo)")
+    dataset: str = Field("HuggingFaceH4/ultrafeedback_binarized",
+                         description="hub id, or a local file/dir for source=local (files matched by split name)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit); None: main. A pinned "
+                                                   "commit keeps scheduled runs on the same data")
+    format: Literal["auto", "parquet", "json"] = Field("auto", description="file type for source=local")
+    train_split: str = Field("train_prefs", description="the split trained on")
+    test_split: str = Field("test_prefs", description="the held-out split: reward accuracy and promotion")
+    train_subset: Subset = Field(default_factory=Subset, description="rows of the train split kept (fraction or "
+                                 "count; none: all): more rows cost training time linearly")
+    test_subset: Subset = Field(default_factory=Subset, description="rows of the test split kept: more is a steadier "
+                                "accuracy (one pair of 32 is 0.03), each costs two forward passes per model")
+    selection: Literal["first", "shuffle"] = Field("first", description="first rows, or a seeded shuffle before "
+                                                   "subsetting (a sorted data set needs shuffle)")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="the shuffle's seed (and the synthetic set's)")
+    max_invalid_share: float = Field(0.05, ge=0, le=1, description="fail when more rows than this share of a split "
+                                     "are invalid; below it they are dropped and counted per reason")
+    synthetic_train_rows: int = Field(400, ge=MIN_TRAIN_ROWS, le=1_000_000, description="source=synthetic: train "
+                                      "pairs made (more than the steps use is fine)")
+    synthetic_test_rows: int = Field(64, ge=MIN_TEST_ROWS, le=100_000,
+                                     description="source=synthetic: held-out pairs made")
+
+    @field_validator("train_split", "test_split")
+    @classmethod
+    def _split_name(cls, value: str) -> str:
+        return safe_name(value, "a split name")  # it becomes <split>.parquet in the artifacts
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.train_split == self.test_split:
+            raise ValueError(f"preference_data.test_split must differ from preference_data.train_split (both "
+                             f"{self.train_split!r}): the held-out accuracy would be measured on trained pairs")
+        for name, sub, least in (("train", self.train_subset, MIN_TRAIN_ROWS), ("test", self.test_subset,
+                                                                                MIN_TEST_ROWS)):
+            if sub.count is not None and sub.count < least:
+                raise ValueError(f"preference_data.{name}_subset.count={sub.count} leaves too few pairs; allowed: at "
+                                 f"least {least}")
+        return self
+
+
+class PreferenceFormatConfig(Section):
+    max_length: int = Field(1024, ge=16, le=1 << 20, description="tokens of prompt + reply per sequence: a longer "
+                            "reply is cut (counted), a pair whose prompt alone fills it is dropped (counted); longer "
+                            "costs memory and time per step (handbook: 1024)")
+
+
+class DPOTrainingConfig(Section):
+    """trl's DPOTrainer on the SFT adapter (``tasks/dpo_train.py``); the reference is the SFT model itself."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="how far the model may move from the SFT model: higher keeps "
+                        "it closer (the implicit reward is beta x the log-prob ratio); the handbook's 7B: 0.01")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid: DPO's loss; ipo: IPO (less overfit to deterministic preferences); hinge: "
+                               "SLiC's margin loss")
+    epochs: float = Field(1.0, gt=0, le=100, description="passes over the train pairs (unless max_steps stops first)")
+    max_steps: int = Field(-1, ge=-1, le=10_000_000, description="-1: train for `epochs`; else this many optimizer "
+                           "steps (>= 1): the time budget")
+    learning_rate: float = Field(5e-6, gt=0, le=1, description="higher moves faster and risks collapse; DPO wants "
+                                 "far less than SFT (handbook: 5e-6)")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="the learning rate's decay after warm-up")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps that ramp the learning rate up")
+    per_device_batch_size: int = Field(4, ge=1, le=1024, description="pairs per micro-batch (each is two sequences, "
+                                       "plus two reference passes): memory grows with it")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="micro-batches per optimizer step: the "
+                                             "effective batch without the memory")
+    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward: less memory, "
+                                         "~30 % slower")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW's weight decay on the adapter")
+    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="gradient clipping: lower is steadier, slower")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="paged_*: bitsandbytes' paged optimizer states (GPU memory spikes go to the CPU; "
+                                   "the handbook's paged_adamw_32bit); *_8bit: a quarter of the state memory")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="data order and initialisation: the same seed trains the "
+                      "same adapter")
+    logging_steps: int = Field(10, ge=1, le=1_000_000, description="a progress line and a point of the reward "
+                               "curve every N steps")
+    save_steps: int = Field(100, ge=1, le=1_000_000, description="checkpoint every N optimizer steps: a kill loses at "
+                            "most N steps; each costs the adapter and its optimizer state on disk")
+    save_minutes: float | None = Field(30, gt=0, le=10_000, description="also checkpoint every M minutes of training")
+    save_total_limit: int = Field(2, ge=1, le=1000, description="keep the last K checkpoints")
+    price_per_hour: float | None = Field(None, ge=0, description="GPU price, for the cost estimate in the log (not "
+                                         "part of the key)")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (train for dpo_training.epochs) or at least 1, not 0")
+        return v
+
+
+class DPOEvaluationConfig(Section):
+    batch_size: int = Field(8, ge=1, le=1024, description="pairs scored together: faster, more memory")
+    max_samples: int | None = Field(None, ge=MIN_TEST_ROWS, le=10_000_000, description="cap on held-out pairs "
+                                    "scored (None: all of the test subset)")
+    promotion_margin: float = Field(0.0, ge=0, lt=1, description="promote only when the DPO model's held-out "
+                                    "preference accuracy beats the SFT model's by more than this (0: any gain)")
+
+
+class DPOPipelineConfig(Section):
+    """A DPO recipe: the SFT recipe it starts from (its stages run first, keyed exactly as a run of that recipe), and
+    the DPO sections. ``sft`` is that SFT recipe's config, made by ``load_dpo_config`` (never set by hand)."""
+
+    recipe: str = "custom-dpo"
+    sft_recipe: str = Field(description="the SFT recipe whose stages run first (a name, or a YAML path relative to "
+                            "this recipe): its adapter is where DPO starts and its model the reference")
+    sft_overrides: dict[str, OverrideValue] = Field(
+        default_factory=dict, description="fields of the SFT recipe to change, as --set does ({'training.max_steps': "
+                                          "20}): the SFT stages then key on them (a plain SFT run with the same --set "
+                                          "shares its artifacts)")
+    sft: PipelineConfig
+    preference_data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    preference_format: PreferenceFormatConfig = Field(default_factory=PreferenceFormatConfig)
+    dpo_training: DPOTrainingConfig = Field(default_factory=DPOTrainingConfig)
+    dpo_evaluation: DPOEvaluationConfig = Field(default_factory=DPOEvaluationConfig)
+    dpo_generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_name(cls, value: str) -> str:
+        return safe_name(value, "recipe")  # it becomes promoted/<recipe>.json
+
+    @model_validator(mode="after")
+    def _own_pointer(self):
+        if self.recipe == self.sft.recipe:
+            raise ValueError(f"recipe {self.recipe!r} is the SFT recipe's name too: the DPO adapter's promotion "
+                             "pointer would replace the SFT adapter's; give the DPO recipe its own name")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------- loading
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 # The flow's typed parameters (a dropdown and a JSON field in Prefect's run form).
-RecipeName = Literal[tuple(recipe_names())]  # the built-in recipes
-OverrideValue = str | int | float | bool | list | dict | None  # a JSON value, checked against the config model
+def dpo_recipe_names() -> list[str]:
+    """The built-in DPO recipes: those that name an ``sft_recipe``."""
+    return [n for n in recipe_names()
+            if "sft_recipe" in (yaml.safe_load((RECIPES_DIR / f"{n}.yaml").read_text()) or {})]
+
+
+RecipeName = Literal[tuple(sorted(set(recipe_names()) - set(dpo_recipe_names())))]  # the built-in SFT recipes
+DPORecipeName = Literal[tuple(dpo_recipe_names())]  # the built-in DPO recipes (flows/dpo.py)
 
 
 def _num(x: float) -> str:
@@ -523,9 +670,9 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _field_path(loc: tuple) -> tuple:
+def _field_path(loc: tuple, root: type[BaseModel] | None = None) -> tuple:
     """The config field an error is about: ``loc`` without pydantic's union-branch tags (``list[str]`` ...)."""
-    cls: Any = PipelineConfig
+    cls: Any = root or PipelineConfig
     path: list = []
     for part in loc:
         fields = getattr(cls, "model_fields", None)
@@ -539,7 +686,8 @@ def _field_path(loc: tuple) -> tuple:
     return tuple(path)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    root = root or PipelineConfig
     lines: dict[str, str] = {}
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -547,17 +695,17 @@ def _format_validation_error(err: ValidationError) -> str:
             if not all(isinstance(p, int) or re.fullmatch(KEY_PATTERN, str(p)) for p in loc):
                 # a key that is no config name may be a line of some other file (--recipe /etc/shadow): not shown
                 lines["(unknown)"] = ("unknown keys that do not look like config keys (not shown); allowed "
-                                      f"sections: {', '.join(PipelineConfig.model_fields)}")
+                                      f"sections: {', '.join(root.model_fields)}")
                 continue
             field = ".".join(str(p) for p in loc)
-            allowed = _field_names(PipelineConfig, loc)
+            allowed = _field_names(root, loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {field!r}" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint else "")
             if allowed:
                 msg += f"; allowed: {', '.join(allowed)}"
             lines[field] = msg
             continue
-        field = ".".join(str(p) for p in _field_path(loc)) or "(config)"
+        field = ".".join(str(p) for p in _field_path(loc, root)) or "(config)"
         text = e["msg"].removeprefix("Value error, ")
         if field in lines:  # another branch of a union (e.g. a list of names or 'all-linear'): one line
             lines[field] = lines[field].replace(" (got ", f", or {text[0].lower()}{text[1:]} (got ", 1)
@@ -637,7 +785,8 @@ def read_recipe(path: Path) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    if data and not set(map(str, data)) & set(PipelineConfig.model_fields):
+    sections = set(PipelineConfig.model_fields) | set(DPOPipelineConfig.model_fields) - {"sft"}
+    if data and not set(map(str, data)) & sections:
         raise ConfigError(f"recipe {path} is not a recipe: none of its top-level keys is a config section "
                           f"({', '.join(PipelineConfig.model_fields)})")
     return data
@@ -647,9 +796,59 @@ def load_config(recipe: str = "tiny", overrides: list[str] | Mapping[str, Any] |
     """Read a recipe (name or path), apply ``section.key=value`` overrides, validate. Raises ConfigError."""
     path = recipe_path(recipe)
     data = read_recipe(path)
+    if "sft_recipe" in data:
+        raise ConfigError(f"recipe {path.stem!r} is a DPO recipe (it names sft_recipe): `sft-pipeline run --recipe "
+                          f"{recipe}` runs it with the DPO flow (flows/dpo.py)")
     data.setdefault("recipe", path.stem)
     data = apply_overrides(data, overrides or [])
     return validate_config(data)
+
+
+def is_dpo_recipe(recipe: str) -> bool:
+    """Whether ``recipe`` (a name or a path) is a DPO recipe: one that names an ``sft_recipe``."""
+    return "sft_recipe" in read_recipe(recipe_path(recipe))
+
+
+def _sft_override(key: str) -> bool:
+    """An override of a DPO recipe that goes to its SFT recipe: one of the SFT sections (``lora.r``, ...)."""
+    return key.split(".", 1)[0] in set(PipelineConfig.model_fields) - {"recipe"}
+
+
+def load_dpo_config(recipe: str, overrides: list[str] | Mapping[str, Any] | None = None) -> DPOPipelineConfig:
+    """Read a DPO recipe, build its SFT recipe's config, apply overrides, validate. Raises ConfigError.
+
+    Overrides of the SFT sections (``--set training.max_steps=20``) go to the SFT recipe, after its
+    ``sft_overrides``, so the SFT stages see exactly what ``sft-pipeline run --recipe <sft_recipe> --set ...`` would
+    give them; the others (``--set dpo_training.beta=0.05``) to the DPO sections."""
+    path = recipe_path(recipe)
+    data = read_recipe(path)
+    if "sft_recipe" not in data:
+        raise ConfigError(f"recipe {path.stem!r} is not a DPO recipe: it names no sft_recipe")
+    stray = sorted(k for k in map(str, data) if _sft_override(k) or k == "sft")
+    if stray:
+        raise ConfigError(f"recipe {path}: {', '.join(stray)} belong to the SFT recipe (sft_recipe); change SFT "
+                          "fields in sft_overrides (or with --set section.key=value)")
+    data.setdefault("recipe", path.stem)
+    pairs = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides or []))
+    sft_over = {k: v for k, v in pairs.items() if _sft_override(k)}
+    if any(k.split(".", 1)[0] == "sft" for k in pairs):
+        raise ConfigError("override sft...: the SFT config is made from sft_recipe; set its fields directly "
+                          "(--set lora.r=4) or in sft_overrides")
+    data = apply_overrides(data, {k: v for k, v in pairs.items() if k not in sft_over})
+    sft_name, extra = data.get("sft_recipe"), data.get("sft_overrides") or {}
+    if not isinstance(sft_name, str) or not isinstance(extra, dict):
+        raise ConfigError(f"recipe {path}: sft_recipe must be a recipe name or path and sft_overrides a mapping "
+                          "of section.key: value")
+    if sft_name.endswith((".yaml", ".yml")) and not Path(sft_name).is_absolute():
+        sft_name = str(path.parent / sft_name)  # a path relative to the DPO recipe
+    try:
+        data["sft"] = load_config(sft_name, {**extra, **sft_over})
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in the SFT recipe {sft_name!r} of DPO recipe {path.stem!r})") from None
+    try:
+        return DPOPipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, DPOPipelineConfig)) from None
 
 
 def validate_config(data: dict) -> PipelineConfig:

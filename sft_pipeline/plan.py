@@ -43,6 +43,8 @@ def _config_changes(old: dict, new: dict) -> list[str]:
             out.append("the base model changed (its name, revision or files)")
         elif k == "data.content":
             out.append("the data's content changed")
+        elif k == "preference_content":  # the DPO stages' fact (flows/dpo_stages.py)
+            out.append("the preference data's content changed")
         elif k.startswith("secrets."):
             out.append(f"where the {k.split('.', 1)[1]} is found changed")
         else:
@@ -94,9 +96,12 @@ def _why_new(store: Store, stage: str, parts: dict) -> str:
     return "; ".join(changes) or "inputs differ from the earlier run"
 
 
-def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
-    """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``."""
-    facts, history = Facts(cfg, blocks=bool(os.environ.get("PREFECT_API_URL")), store=store), _run_history(store)
+def plan(cfg, store: Store, stages: Iterable[Stage], then: Iterable[tuple[Any, Iterable[Stage]]] = ()) -> list[dict]:
+    """One step per stage: ``{"stage", "decision": "reuse"|"run", "key", "reason", "artifact"}``.
+
+    ``then``: more (config, stage table) pairs walked after ``stages``, reading their artifacts (a DPO recipe's
+    stages, with the config they see, after its SFT recipe's)."""
+    blocks, history = bool(os.environ.get("PREFECT_API_URL")), _run_history(store)
     refs: dict[str, ArtifactRef | None] = {}  # None: this run would make a new artifact, its fingerprint unknown
     redo: set[str] = set()  # stages that would re-run an earlier key: expected to reproduce its output
     steps: list[dict] = []
@@ -104,7 +109,7 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
     def add(stage: str, decision: str, key: str | None, reason: str, artifact: str | None = None) -> None:
         steps.append({"stage": stage, "decision": decision, "key": key, "reason": reason, "artifact": artifact})
 
-    for stage in stages:
+    for cfg, stage, facts in _walk([(cfg, stages), *then], blocks, store):
         pending = [n for n in stage.needs if refs[n] is None]
         if pending:
             verb = "runs" if len(pending) == 1 else "run"
@@ -133,6 +138,14 @@ def plan(cfg, store: Store, stages: Iterable[Stage]) -> list[dict]:
             else _why_new(store, stage.name, parts))
         refs[stage.name] = None
     return steps
+
+
+def _walk(tables, blocks: bool, store: Store):
+    """(config, stage, facts) for every stage of every (config, stage table), in order; the facts once per config."""
+    for cfg, stages in tables:
+        facts = Facts(cfg, blocks=blocks, store=store)
+        for stage in stages:
+            yield cfg, stage, facts
 
 
 # measured on one H100 80GB, Mistral-7B architecture, QLoRA, packing, max length 2048 (BENCHMARKS.md)
@@ -188,10 +201,11 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
 
 
 def print_plan(steps: list[dict], file=None, est: dict | None = None) -> None:
-    print(f"{'stage':<14}{'plan':<7}{'key':<26}why", file=file)
+    w = max([14] + [len(s["stage"]) + 2 for s in steps])  # the DPO stages' names are longer
+    print(f"{'stage':<{w}}{'plan':<7}{'key':<26}why", file=file)
     for s in steps:
         why = s["reason"] + (f": {s['artifact']}" if s["artifact"] else "")
-        print(f"{s['stage']:<14}{s['decision']:<7}{(s['key'] or '?'):<26}{why}", file=file)
+        print(f"{s['stage']:<{w}}{s['decision']:<7}{(s['key'] or '?'):<26}{why}", file=file)
     if est and "hours" in est:
         cost = f", cost {est['cost']:.2f} at training.price_per_hour" if "cost" in est else ""
         print(f"\ntraining estimate: {est['tokens']:,} tokens at {est['tokens_per_second']:,.0f} tok/s "

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from sft_pipeline.config import safe_name
 from sft_pipeline.errors import ConfigError
@@ -54,7 +55,7 @@ def _relative(store: Store, path: str) -> str:
     return str(p.relative_to(store.root)) if p.is_relative_to(store.root) else str(p)
 
 
-def read_pointer(store: Store, recipe: str, moved_aside: list | None = None) -> dict | None:
+def read_pointer(store: Store, recipe: str, moved_aside: list | None = None, metric: str = "eval_loss") -> dict | None:
     """The pointer with ``adapter`` resolved to a path on this machine; None when there is none.
 
     An unreadable one (not JSON, fields missing) is moved aside to ``<recipe>.json.unreadable-<time>`` with a
@@ -66,8 +67,8 @@ def read_pointer(store: Store, recipe: str, moved_aside: list | None = None) -> 
     try:
         pointer = json.loads(path.read_text())
         if not isinstance(pointer, dict) or not isinstance(pointer.get("adapter"), str) \
-                or not isinstance(pointer.get("eval_loss"), (int, float)) or "test_set" not in pointer:
-            raise ValueError("fields adapter, eval_loss, test_set missing or of the wrong type")
+                or not isinstance(pointer.get(metric), (int, float)) or "test_set" not in pointer:
+            raise ValueError(f"fields adapter, {metric}, test_set missing or of the wrong type")
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         os.replace(path, aside)
@@ -115,9 +116,22 @@ def _worth_having(candidate: dict, margin: float, why_diverged: str | None, wors
     return None
 
 
-def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, str]:
+class Metric(NamedTuple):
+    """What a pointer compares adapters by: its field, how a person reads it, and which way is better."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    beats_baseline: str  # what a candidate already did before it is compared (the gone-pointer message says it)
+
+
+EVAL_LOSS = Metric("eval_loss", "tuned eval loss", False, "beating its base")
+PREFERENCE_ACCURACY = Metric("preference_accuracy", "held-out preference accuracy", True, "beating the SFT model's")
+
+
+def _decide(store: Store, current: dict | None, candidate: dict, metric: Metric = EVAL_LOSS) -> tuple[bool, str]:
     """Whether this run's adapter replaces the promoted one, said so that it cannot be misread in a run's summary."""
-    loss = candidate["eval_loss"]
+    value, what = candidate[metric.key], metric.label
     if current is None:
         return True, "this run's adapter is promoted: the first adapter promoted for this recipe"
     by = f" (promoted by flow run {current['flow_run']})" if current.get("flow_run") else ""
@@ -125,17 +139,17 @@ def _decide(store: Store, current: dict | None, candidate: dict) -> tuple[bool, 
         return False, f"this run's adapter is already the promoted one{by}"
     if not store.exists(current["adapter"]):  # with an object store: there, when not here
         return True, (f"this run's adapter is promoted: the promoted adapter {current['adapter']} is gone from the "
-                      f"store (deleted or moved), so it cannot be compared; this one (tuned eval loss {loss:.4f}, "
-                      f"beating its base) replaces it")
+                      f"store (deleted or moved), so it cannot be compared; this one ({what} {value:.4f}, "
+                      f"{metric.beats_baseline}) replaces it")
     kept = f"kept the promoted adapter from flow run {current['flow_run']}" if current.get("flow_run") \
         else "kept the promoted adapter"
     if current["test_set"] != candidate["test_set"]:
         return False, (f"{kept}: not comparable: the promoted adapter was evaluated on another test set "
                        f"({current['test_set']}, this run {candidate['test_set']})")
-    if loss < current["eval_loss"]:
-        return True, (f"this run's adapter is promoted: tuned eval loss {loss:.4f} beats the promoted "
-                      f"{current['eval_loss']:.4f}")
-    return False, f"{kept}: this run's tuned eval loss {loss:.4f} does not beat the promoted {current['eval_loss']:.4f}"
+    promoted = current[metric.key]
+    if (value > promoted) if metric.higher_is_better else (value < promoted):
+        return True, f"this run's adapter is promoted: {what} {value:.4f} beats the promoted {promoted:.4f}"
+    return False, f"{kept}: this run's {what} {value:.4f} does not beat the promoted {promoted:.4f}"
 
 
 def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, chats: ArtifactRef,
@@ -184,4 +198,37 @@ def consider(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactR
             "test_set": candidate["test_set"], "previous": current, "diverged": why_diverged,
             "regressions": [{k: r[k] for k in ("benchmark", "metric", "base", "tuned", "delta")} for r in worse],
             "promoted_adapter": str(adapter_dir(store, candidate["adapter"])) if promoted
+            else (current or {}).get("adapter")}
+
+
+def consider_dpo(store: Store, recipe: str, adapter: ArtifactRef, metrics: ArtifactRef, pairs: ArtifactRef,
+                 test_split: str, flow_run: str | None = None, margin: float = 0.0) -> dict:
+    """Promote a DPO adapter (``<store>/promoted/<dpo recipe>.json``) if its held-out preference accuracy beats the
+    SFT model's by more than ``margin`` and beats the promoted DPO adapter's on the same held-out pairs; returns the
+    decision for the summary. ``metrics``: the dpo_evaluate artifact; ``pairs``: the preference_format artifact
+    (what the test set's fingerprint is made of). The pointer mechanics are ``consider``'s."""
+    m = metrics.read_json("metrics.json")
+    dpo, sft = m["dpo"]["preference_accuracy"], m["sft"]["preference_accuracy"]
+    candidate = {"recipe": recipe, "adapter": _relative(store, adapter.path),
+                 "adapter_fingerprint": adapter.fingerprint, "preference_accuracy": dpo, "sft_preference_accuracy": sft,
+                 "reward_accuracy": m["dpo"]["reward_accuracy"],
+                 "test_set": test_set_fingerprint(store, pairs, test_split, m["pairs"]),
+                 "flow_run": flow_run, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    refused = None
+    if not (math.isfinite(dpo) and dpo > sft + margin):
+        refused = (f"the DPO model's held-out preference accuracy {dpo:.4f} does not beat the SFT model's {sft:.4f}"
+                   + (f" by more than dpo_evaluation.promotion_margin={margin:g}" if margin else "")
+                   + ": not promoted")
+    path = pointer_path(store, recipe)
+    moved_aside: list[str] = []
+    with file_lock(path.parent / ".lock"):
+        current = read_pointer(store, recipe, moved_aside, PREFERENCE_ACCURACY.key)
+        promoted, reason = (False, refused) if refused else _decide(store, current, candidate, PREFERENCE_ACCURACY)
+        if promoted:
+            write_json_atomic(path, candidate)
+    if moved_aside:
+        reason += f" (the old pointer could not be read and was moved aside to {moved_aside[0]})"
+    return {"promoted": promoted, "reason": reason, "pointer": str(path), "preference_accuracy": dpo,
+            "sft_preference_accuracy": sft, "test_set": candidate["test_set"], "previous": current,
+            "diverged": None, "promoted_adapter": str(adapter_dir(store, candidate["adapter"])) if promoted
             else (current or {}).get("adapter")}

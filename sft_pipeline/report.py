@@ -384,3 +384,124 @@ def markdown(summary: dict, health: dict | None, png: bytes | None, bench_png: b
         if wb.get("sync_command"):
             out += [f"W&B logged offline; upload it with `{wb['sync_command']}`", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+# ---- DPO (flows/dpo.py) ----------------------------------------------------------------------------------------
+DPO_COLUMNS = ("step", "train_loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
+               "learning_rate")
+_DPO_KEYS = {"train_loss": "loss", "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
+             "rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+             "learning_rate": "learning_rate"}
+
+
+def dpo_rows(log_history: list[dict]) -> list[dict]:
+    """One row per DPO logging step (trl's ``loss`` and ``rewards/*``), every row with all of ``DPO_COLUMNS``."""
+    rows = []
+    for entry in log_history:
+        if "step" not in entry or "loss" not in entry:  # the final summary entry has train_loss, not loss
+            continue
+        rows.append({"step": int(entry["step"]), **{c: entry.get(k) for c, k in _DPO_KEYS.items()}})
+    return rows
+
+
+def dpo_png(log_history: list[dict]) -> bytes:
+    """DPO's loss, and its reward accuracy and margin, against the step: two panels, ~900x380 PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = dpo_rows(log_history)
+    fig = Figure(figsize=(9, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+
+    def points(key):
+        return [(r["step"], r[key]) for r in rows if r[key] is not None and math.isfinite(r[key])]
+
+    for ax, key, label, style in ((loss_ax, "train_loss", "DPO loss", {"color": "tab:blue"}),
+                                  (acc_ax, "reward_accuracy", "reward accuracy", {"color": "tab:green"})):
+        if pts := points(key):
+            ax.plot(*zip(*pts), label=label, marker=".", linewidth=1.5, **style)
+        else:
+            ax.text(0.5, 0.5, f"no {label} was logged", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    loss_ax.set_ylabel("loss (lower is better; ln 2 = 0.693 at the start)")
+    loss_ax.set_title("DPO loss")
+    acc_ax.set_ylim(-0.05, 1.05)
+    acc_ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # a coin's accuracy
+    acc_ax.set_ylabel("share of pairs (higher is better)")
+    acc_ax.set_title("Reward accuracy and margin (training batches)")
+    if pts := points("reward_margin"):
+        margin_ax = acc_ax.twinx()
+        margin_ax.plot(*zip(*pts), label="reward margin", color="tab:orange", marker=".", linewidth=1)
+        margin_ax.set_ylabel("reward margin (chosen - rejected)")
+        lines = [ln for ln in acc_ax.get_lines() + margin_ax.get_lines() if not ln.get_label().startswith("_")]
+        acc_ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def dpo_lines(summary: dict) -> list[str]:
+    """What a DPO run's summary adds on screen: the SFT model's numbers, the held-out accuracies, dropped pairs."""
+    lines = []
+    if sft := summary.get("sft"):
+        ev = sft.get("eval", {})
+        if "base" in ev and "tuned" in ev:
+            lines.append(f"SFT ({sft['recipe']}): eval loss base {ev['base']['eval_loss']:.4f} -> tuned "
+                         f"{ev['tuned']['eval_loss']:.4f}; adapter {sft['adapter']}")
+    if ev := summary.get("dpo_eval"):
+        d, s = ev["dpo"], ev["sft"]
+        lines.append(f"DPO on {ev['pairs']} held-out pairs: reward accuracy {d['reward_accuracy']:.2f} (margin "
+                     f"{d['reward_margin']:+.3f}); preference accuracy SFT {s['preference_accuracy']:.2f} -> DPO "
+                     f"{d['preference_accuracy']:.2f}")
+    if tr := summary.get("dpo_train"):
+        if tr.get("resumed_from_step"):
+            lines.append(f"dpo_train resumed from the checkpoint at step {tr['resumed_from_step']}")
+        for fb in tr.get("oom_fallbacks", []):
+            lines.append(f"dpo_train ran out of memory at step {fb['at_step']}: micro-batch "
+                         f"{fb['from']['per_device_batch_size']} -> {fb['to']['per_device_batch_size']} (same "
+                         f"effective batch)")
+    for split, st in summary.get("stages", {}).get("preference_data", {}).get("splits", {}).items():
+        if st["invalid"]:
+            reasons = ", ".join(f"{n} {why}" for why, n in st["invalid_reasons"].items())
+            lines.append(f"preference_data: dropped {st['invalid']} invalid rows of split {split} ({reasons})")
+    return lines
+
+
+def dpo_markdown(summary: dict, png: bytes | None) -> str:
+    """The DPO part of a DPO run's report: held-out accuracies, training, promotion, the curves, dropped pairs."""
+    out = [f"# DPO `{summary.get('recipe', '?')}`: {summary.get('status', 'unknown')}", ""]
+    if sft := summary.get("sft"):
+        out += [f"Starts from the SFT adapter of recipe `{sft['recipe']}` (`{sft['adapter']}`), which is also "
+                "DPO's reference model.", ""]
+    if ev := summary.get("dpo_eval"):
+        d, s = ev["dpo"], ev["sft"]
+        out += [f"## Held-out preference pairs: {ev['pairs']} of split `{ev['split']}` (beta {ev['beta']:g})", "",
+                "| model | preference accuracy | reward accuracy | reward margin | mean log-prob chosen | rejected |",
+                "|---|---:|---:|---:|---:|---:|",
+                f"| SFT (the reference) | {s['preference_accuracy']:.3f} | – | – | {_num(s['logps_chosen'])} | "
+                f"{_num(s['logps_rejected'])} |",
+                f"| DPO | {d['preference_accuracy']:.3f} | {d['reward_accuracy']:.3f} | {d['reward_margin']:+.4f} | "
+                f"{_num(d['logps_chosen'])} | {_num(d['logps_rejected'])} |", "",
+                "Preference accuracy: the share of pairs where the model gives the chosen reply a higher "
+                "log-probability than the rejected one. Reward accuracy: the share where DPO's implicit reward "
+                "(beta x the log-probability ratio to the SFT model) is higher for the chosen reply; for the SFT "
+                "model it is 0 by definition (its reward against itself is 0).", ""]
+    if tr := summary.get("dpo_train"):
+        out += [*_train_section(tr), ""]
+    for split, st in summary.get("stages", {}).get("preference_data", {}).get("splits", {}).items():
+        if st.get("invalid"):
+            reasons = "; ".join(f"{n} × {_cell(why)}" for why, n in st["invalid_reasons"].items())
+            out += [f"Split `{split}`: {st['rows']:,} pairs kept, {st['invalid']} invalid dropped ({reasons}).", ""]
+    if summary.get("adapter"):
+        out += ["## DPO adapter", "", f"`{summary['adapter']}`", ""]
+    if p := summary.get("promotion"):
+        out += ["## Promotion", "", f"**{'Promoted' if p.get('promoted') else 'Not promoted'}**: "
+                f"{p.get('reason', '')}", ""]
+    if png:
+        out += ["## Loss and reward accuracy", "",
+                f"![DPO curves](data:image/png;base64,{base64.b64encode(png).decode()})", ""]
+    return "\n".join(out).rstrip() + "\n"

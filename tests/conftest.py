@@ -82,12 +82,13 @@ def cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_flow(store: Path, *overrides: str, recipe: str = "tiny", env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+def run_flow(store: Path, *overrides: str, recipe: str = "tiny", env: dict | None = None,
+             timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict]:
     summary = store / f"summary-{len(list(store.glob('summary-*.json'))) if store.exists() else 0}.json"
     args = ["run", "--recipe", recipe, "--store", str(store), "--summary-json", str(summary)]
     for o in overrides:
         args += ["--set", o]
-    proc = cli(*args, env=env)
+    proc = cli(*args, env=env, timeout=timeout)
     data = json.loads(summary.read_text()) if summary.exists() else {}
     return proc, data
 
@@ -109,6 +110,17 @@ def tiny_run(session_dir):
     """The tiny recipe run once, end to end, through the CLI. Returns (store, summary, process)."""
     store = session_dir / "store"
     proc, summary = run_flow(store)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return store, summary, proc
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(session_dir):
+    """The smollm2-135m recipe run once into ``<session>/smollm2-store`` (tests/test_smollm2.py; tests/test_dpo.py
+    runs the DPO recipe on top of it). Returns (store, summary, process)."""
+    store = session_dir / "smollm2-store"
+    # 13.5 min measured at load 6-8, 32 min at load 8-17 (2026-12-02): more than run_flow's default 15
+    proc, summary = run_flow(store, recipe="smollm2-135m", timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return store, summary, proc
 

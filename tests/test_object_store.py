@@ -100,10 +100,7 @@ def test_an_artifact_counts_only_with_its_manifest_and_is_checked_on_download(s3
 
     from sft_pipeline import checkpoint_mirror
 
-    try:  # where the seal's name lives since the trainer was split into sft_pipeline/training/
-        from sft_pipeline.training.checkpoints import SEALED
-    except ImportError:
-        from sft_pipeline.trainer import SEALED
+    from sft_pipeline.training.checkpoints import SEALED
     assert checkpoint_mirror.SEAL == SEALED  # the mirror finds the trainer's sealed checkpoints
 
 

@@ -138,10 +138,7 @@ def test_the_card_is_refreshed_between_logging_steps_at_most_every_few_seconds(m
 def test_newest_sealed_checkpoint(tmp_path):
     from sft_pipeline.progress import SEALED, newest_checkpoint
 
-    try:  # the train stage's seal file (in the training package once trainer.py is split into it)
-        from sft_pipeline.training.checkpoints import SEALED as TRAIN_SEAL
-    except ImportError:
-        from sft_pipeline.trainer import SEALED as TRAIN_SEAL
+    from sft_pipeline.training.checkpoints import SEALED as TRAIN_SEAL  # the train stage's seal file
     assert SEALED == TRAIN_SEAL
     assert newest_checkpoint(tmp_path) is None
     for step, sealed in ((5, True), (10, True), (15, False)):  # checkpoint-15 was cut short while saving

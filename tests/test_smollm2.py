@@ -18,17 +18,6 @@ from sft_pipeline import report
 from tests.conftest import ROOT, STAGES, cli
 
 
-@pytest.fixture(scope="module")
-def smollm2_run(session_dir):
-    store = session_dir / "smollm2-store"
-    summary_path = session_dir / "smollm2-summary.json"
-    # a longer limit than run_flow's 15 minutes: the flow took 13.5 of them at load 6-8 before the benchmark stage
-    proc = cli("run", "--recipe", "smollm2-135m", "--store", str(store), "--summary-json", str(summary_path),
-               timeout=2700)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return store, json.loads(summary_path.read_text()), proc
-
-
 def test_recipe_makes_the_model_better_and_it_still_ends_its_turns(smollm2_run):
     _, summary, _ = smollm2_run
     assert [s["state"] for s in summary["stages"].values()] == ["Completed"] * len(STAGES), summary["stages"]
