@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_pipeline import health, promote, synthetic
+from sft_pipeline import health, promote
 from sft_pipeline.chat_data import chat_problem, read_local_splits
 from sft_pipeline.cli import main
 from sft_pipeline.config import DataConfig, load_config

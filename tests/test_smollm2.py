@@ -12,10 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from sft_pipeline import report
-from tests.conftest import ROOT, STAGES, cli
+from tests.conftest import ROOT, STAGES
 
 
 def test_recipe_makes_the_model_better_and_it_still_ends_its_turns(smollm2_run):
