@@ -154,6 +154,7 @@ def main() -> None:
     if a.one:
         print("RESULT " + json.dumps(run_one(a.device, a.tiny, a.steps, a.warm, Path(a.root))), flush=True)
         return
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     root = Path(a.root or tempfile.mkdtemp(prefix="bench-dpo-"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     results = []
