@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         # flow, where Prefect's API is up to read it from; plan reads it here)
         check_paths(args.store, getattr(args, "summary_json", None), cache_dir=args.cache_dir,
                     block=args.store_block, connect=not args.store_block or args.command == "plan")
-        preflight.check(load_config(args.recipe, args.overrides), _store(args).root)
+        preflight.check(load_config(args.recipe, args.overrides), _store(args).root, remember=args.command != "plan")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
