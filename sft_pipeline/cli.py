@@ -116,7 +116,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _server_in_own_group() -> None:
-    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group.
+    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group: the fallback
+    where ``prefect_server`` could not point this Prefect at the server it started early.
 
     Ctrl-C signals the terminal's whole process group. In ours, the server got SIGINT too and stopped first; the
     flow then spent ~74 s retrying to report the interrupt to a dead API and ended in ConnectError. In its own
@@ -182,11 +183,14 @@ def _stop_prefect() -> None:
     try:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
-        from prefect.server.api.server import SubprocessASGIServer
+
+        from sft_pipeline import prefect_server
 
         APILogWorker.drain_all(timeout=5)
         EventsWorker.drain_all()
-        SubprocessASGIServer().stop()
+        prefect_server.stop()
+        if "prefect.server.api.server" in sys.modules:  # Prefect started its own (prefect_server.connect: False)
+            sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop()
     except Exception:  # noqa: BLE001 - only tidies the output; Prefect stops it at exit anyway
         pass
 
@@ -222,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(recipe_names()))
         return 0
+    from sft_pipeline import prefect_server
     from sft_pipeline.quiet import quiet, quiet_prefect
 
+    if args.command == "run":  # up while this process starts (connected, or stopped, below)
+        prefect_server.start()
     _quiet_env()
     quiet(args.verbose)  # before the libraries are imported: progress bars, warnings, library loggers
     from sft_pipeline import preflight
@@ -247,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         sft.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
-    _server_in_own_group()
+    if not prefect_server.connect():
+        _server_in_own_group()
     try:
         summary = sft(**_flow_parameters(args), summary_json=args.summary_json)
     except KeyboardInterrupt:  # Ctrl-C: the server, in its own group, is still up, so Prefect records it at once

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, STAGES, cli
+from tests.conftest import ROOT, STAGES, cli, prefect_servers
 from sft_pipeline import base_origin
 from sft_pipeline.errors import HubUnreachable
 from sft_pipeline.quiet import QuietConsole, retry_line
@@ -71,6 +71,7 @@ def test_a_cached_run_quiet_and_verbose(tiny_run, verbose):
     store, _, _ = tiny_run
     proc = cli("run", "--store", str(store), *(["--verbose"] if verbose else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not prefect_servers(os.environ["PREFECT_HOME"])  # the temporary server went with the CLI
     if verbose:
         assert "Starting temporary server" in proc.stderr and "Beginning flow run" in proc.stderr, proc.stderr
         return
