@@ -22,7 +22,8 @@ PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (?P<level>[A-Z]+) *\| Task
 # what a quiet run may say about a stage, besides "Finished in state ..."
 STAGE_START = re.compile(r"^(?P<stage>[a-z_]+): (computing [0-9a-f]{24}|reusing the finished artifact \S+)$")
 TRAINING = re.compile(r"^(train: (step \d+/\d+ \(\d+%\)  loss .* tok/s  ETA \d+:\d\d:\d\d|\d+ optimizer steps.*)"
-                      r"|training settings: \{.*\}|estimate: .*)$")
+                      r"|training settings: micro-batch \d+ x accumulation \d+ = effective batch \d+ [^{}]*"
+                      r"|estimate: .*)$")
 # transformers prints "[INFO] Running in WANDB offline mode" when imported with WANDB_MODE=offline (as in the tests)
 SUMMARY = re.compile(r"^(|stage +state +seconds +artifact|[a-z_]+ +(Completed|Cached) +[\d.]+  \S+|"
                      r"eval loss: base .*|held-out answers correct: .*|adapter: \S+|promoted: .*|"
