@@ -128,7 +128,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _server_in_own_group() -> None:
-    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group.
+    """Start Prefect's temporary server (when no PREFECT_API_URL is set) in its own process group: the fallback
+    where ``prefect_server`` could not point this Prefect at the server it started early.
 
     Ctrl-C signals the terminal's whole process group. In ours, the server got SIGINT too and stopped first; the
     flow then spent ~74 s retrying to report the interrupt to a dead API and ended in ConnectError. In its own
@@ -211,11 +212,14 @@ def _stop_prefect() -> None:
     try:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
-        from prefect.server.api.server import SubprocessASGIServer
+
+        from sft_pipeline import prefect_server
 
         APILogWorker.drain_all(timeout=5)
         EventsWorker.drain_all()
-        SubprocessASGIServer().stop()
+        prefect_server.stop()
+        if "prefect.server.api.server" in sys.modules:  # Prefect started its own (prefect_server.connect: False)
+            sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop()
     except Exception:  # noqa: BLE001 - only tidies the output; Prefect stops it at exit anyway
         pass
 
@@ -262,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         dpo = {n: read_recipe(recipe_path(n))['sft_recipe'] for n in dpo_recipe_names()}
         print("\n".join(n + (f"  (DPO after {dpo[n]})" if n in dpo else "") for n in recipe_names()))
         return 0
+    from sft_pipeline import prefect_server
     from sft_pipeline.quiet import quiet, quiet_prefect
 
+    if args.command == "run":  # up while this process starts (connected, or stopped, below)
+        prefect_server.start()
     _quiet_env()
     quiet(args.verbose)  # before the libraries are imported: progress bars, warnings, library loggers
     from sft_pipeline import preflight
@@ -275,15 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(args.store, getattr(args, "summary_json", None), cache_dir=args.cache_dir,
                     block=args.store_block, connect=not args.store_block or args.command == "plan")
         dpo = is_dpo_recipe(args.recipe)  # a DPO recipe runs the DPO flow (flows/dpo.py)
+        remember = args.command != "plan"  # plan only reads what the checks measured (preflight/<key>)
         if dpo:
             from sft_pipeline import preference
             from sft_pipeline.config import load_dpo_config
 
             dpo_cfg = load_dpo_config(args.recipe, args.overrides)
-            preflight.check(dpo_cfg.sft, _store(args).root)
+            preflight.check(dpo_cfg.sft, _store(args).root, remember=remember)
             preference.check(dpo_cfg)
         else:
-            preflight.check(load_config(args.recipe, args.overrides), _store(args).root)
+            preflight.check(load_config(args.recipe, args.overrides), _store(args).root, remember=remember)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -299,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         flow.serve(name=args.name, cron=args.cron, parameters=_flow_parameters(args))
         return 0
-    _server_in_own_group()
+    if not prefect_server.connect():
+        _server_in_own_group()
     from prefect.exceptions import TerminationSignal
 
     signal.signal(signal.SIGTERM, _terminated)  # in training the flow asks for a checkpoint first (training.stop)

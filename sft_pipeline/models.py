@@ -165,16 +165,36 @@ def offline() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- loading for stages
+def no_gpu_here() -> bool:
+    """True when this Linux machine has no GPU device node (NVIDIA's ``/dev/nvidia<N>``, ROCm's ``/dev/kfd``, WSL's
+    ``/dev/dxg``): then CUDA cannot be available, and the CLI's checks need not import torch (1-2 s) to learn it.
+    False where it cannot tell (elsewhere, or torch already imported: then torch answers)."""
+    import sys
+
+    if not sys.platform.startswith("linux") or "torch" in sys.modules:
+        return False
+    import glob
+
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
+
+
 def resolve_device(device: str) -> str:
     """``training.device`` resolved: auto is CUDA when there is one. Raises ModelSourceError for cuda without CUDA."""
-    import torch
-
+    if device == "cpu":
+        return device
+    cuda = not no_gpu_here() and _cuda_available()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda else "cpu"
+    if device == "cuda" and not cuda:
         raise ModelSourceError("training.device=cuda but this machine has no usable CUDA device; allowed here: auto, "
                                "cpu")
     return device
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def compute_dtype(quant_cfg, device: str):

@@ -187,9 +187,9 @@ def estimate(cfg, store: Store, steps: list[dict]) -> dict | None:
         tokens = planned_tokens(cfg.training, Path(fmt["artifact"]) / name)
     rate = _measured_rate(cfg, store)
     if rate is None:
-        from sft_pipeline.preflight import model_config, parameter_count
+        from sft_pipeline.preflight import model_shape, parameter_count
 
-        mc = model_config(cfg)
+        mc = model_shape(cfg, store.root)  # the sizes the checks kept: no transformers import
         if mc is None or parameter_count(mc) < 5e9:
             return {"tokens": int(tokens)}
         rate = (H100_7B_TOKENS_PER_SECOND, "a 7B model on one H100, BENCHMARKS.md")

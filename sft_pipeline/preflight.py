@@ -17,6 +17,11 @@ the machine and the inputs the config names:
 
 Sizes come from the model's config (``config.json`` of a local, built or converted model; for a hub model only when
 the local hub cache has it: no hub is contacted here). Hub data sets are not contacted: their problems surface in the data stage.
+
+What needs a library to measure (the template overhead: a tokenizer; the model's sizes: transformers' config) is
+remembered in the store (``<store>/preflight/<key>/``, keyed by the model's fingerprint, the template and the library
+versions), so a later ``run`` or ``plan`` imports neither transformers nor torch (BENCHMARKS.md, *Issue 32*). Only a
+check that passed is remembered, and ``plan`` only reads.
 """
 from __future__ import annotations
 
@@ -24,12 +29,46 @@ import functools
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 from sft_pipeline.config import PipelineConfig
 from sft_pipeline.errors import ConfigError, ModelSourceError
+from sft_pipeline.store import Store, digest
 from sft_pipeline.tokens import template_overhead
 
 OVERHEAD_CHECK_BELOW = 512  # a chat template adds a few dozen tokens; only a shorter max_length can be too short
+MEMO = "preflight"  # <store>/preflight/<key>/memo.json: a measured fact of these checks (see the module docstring)
+# the fields of a model's config that parameter_count and the memory and disk estimates read
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "tie_word_embeddings")
+
+
+@functools.lru_cache(maxsize=None)
+def _versions(*dists: str) -> dict[str, str | None]:
+    import importlib.metadata
+
+    out: dict[str, str | None] = {}
+    for name in dists:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _remembered(store: str | Path | None, what: dict, compute, pending: list | None):
+    """``compute()``, or what an earlier check remembered for ``what`` in the store (verified like an artifact).
+    A value computed here is appended to ``pending`` (key, data) for ``check`` to write once every check passed."""
+    if store is None:
+        return compute()
+    key = digest({MEMO: what}, 24)
+    found = Store(store).read_memo(MEMO, key)
+    if found is not None:
+        return found[0]["value"]
+    value = compute()
+    if pending is not None and value is not None:
+        pending.append((key, {"what": what, "value": value}))
+    return value
 
 
 def _device(cfg: PipelineConfig) -> str | None:
@@ -44,11 +83,16 @@ def _device(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def _model(cfg: PipelineConfig) -> str | None:
+def _fingerprint(cfg: PipelineConfig, store: str | Path | None) -> str:
+    """The base model's fingerprint; with a store, a GGUF file's hash is remembered there (not hashed every time)."""
     from sft_pipeline.models import model_fingerprint
 
+    return model_fingerprint(cfg.model, Store(store) if store is not None else None)
+
+
+def _model(cfg: PipelineConfig, store: str | Path | None = None) -> str | None:
     try:
-        model_fingerprint(cfg.model)
+        _fingerprint(cfg, store)
     except ModelSourceError as e:
         return str(e)
     return None
@@ -98,11 +142,17 @@ def _local_overhead(source: str, name: str, chat_template: str, system_message: 
     return template_overhead(tok, system_message)
 
 
-def _overhead(cfg: PipelineConfig) -> str | None:
+def _overhead(cfg: PipelineConfig, store: str | Path | None = None, pending: list | None = None) -> str | None:
     fmt, model = cfg.format, cfg.model
     if fmt.max_length >= OVERHEAD_CHECK_BELOW or model.source not in ("build", "local"):
         return None
-    overhead = _local_overhead(model.source, model.name, fmt.chat_template, fmt.system_message)
+    from sft_pipeline.models import CHATML_TEMPLATE, ZEPHYR_TEMPLATE
+
+    what = {"overhead": {"model": _fingerprint(cfg, store), "chat_template": fmt.chat_template,
+                         "system_message": fmt.system_message, "templates": digest([ZEPHYR_TEMPLATE, CHATML_TEMPLATE]),
+                         "libraries": _versions("transformers", "tokenizers", "sentencepiece", "mistral-common")}}
+    overhead = _remembered(store, what, lambda: _local_overhead(model.source, model.name, fmt.chat_template,
+                                                                fmt.system_message), pending)
     if overhead is not None and fmt.max_length <= overhead:
         return (f"format.max_length={fmt.max_length} is not longer than the chat template's own overhead "
                 f"({overhead} tokens): allowed values are above {overhead}")
@@ -147,6 +197,22 @@ def model_config(cfg: PipelineConfig):
     return None
 
 
+def model_shape(cfg: PipelineConfig, store: str | Path | None = None, pending: list | None = None):
+    """The sizes of the base model's config that ``parameter_count`` and the estimates read (``SHAPE_FIELDS``, as
+    attributes), or None when its config cannot be had cheaply; remembered in the store (see ``_remembered``)."""
+
+    def read() -> dict | None:
+        mc = model_config(cfg)
+        return None if mc is None else {f: getattr(mc, f, None) for f in SHAPE_FIELDS}
+
+    try:
+        what = {"shape": {"model": _fingerprint(cfg, store), "libraries": _versions("transformers")}}
+    except ModelSourceError:
+        return None  # _model reports it
+    shape = _remembered(store, what, read, pending)
+    return None if shape is None else SimpleNamespace(**shape)
+
+
 def parameter_count(mc) -> int:
     """Parameters of a decoder-only transformer from its config (Llama/Mistral layout; norms left out)."""
     h, layers, vocab = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
@@ -184,7 +250,7 @@ def gpu_need_bytes(cfg: PipelineConfig, mc) -> int:
     return int(weights + acts)
 
 
-def _gpu(cfg: PipelineConfig) -> str | None:
+def _gpu(cfg: PipelineConfig, store: str | Path | None = None, pending: list | None = None) -> str | None:
     from sft_pipeline.models import resolve_device
 
     try:
@@ -195,7 +261,7 @@ def _gpu(cfg: PipelineConfig) -> str | None:
     if cfg.quantization.compute_dtype == "bfloat16" and not _bf16_supported():
         return ("quantization.compute_dtype=bfloat16 but this GPU has no bf16 support; allowed here: auto, float16, "
                 "float32")
-    mc = model_config(cfg)
+    mc = model_shape(cfg, store, pending)
     if mc is None:
         return None
     need, free = gpu_need_bytes(cfg, mc), _cuda_free_bytes()
@@ -231,10 +297,10 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _disk(cfg: PipelineConfig, store: str | Path | None) -> str | None:
+def _disk(cfg: PipelineConfig, store: str | Path | None, pending: list | None = None) -> str | None:
     if store is None:
         return None
-    parts = disk_need_bytes(cfg, model_config(cfg))
+    parts = disk_need_bytes(cfg, model_shape(cfg, store, pending))
     need, free = sum(parts.values()), _disk_free(Path(store).expanduser())
     if need > free:
         detail = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in parts.items() if v)
@@ -243,14 +309,22 @@ def _disk(cfg: PipelineConfig, store: str | Path | None) -> str | None:
     return None
 
 
-def check(cfg: PipelineConfig, store: str | Path | None = None, blocks: bool = False) -> None:
+def check(cfg: PipelineConfig, store: str | Path | None = None, blocks: bool = False, remember: bool = True) -> None:
     """Raise ConfigError naming the field when the config cannot work on this machine with these inputs.
 
     ``blocks``: also look for secrets in Prefect Secret blocks (inside the flow, where a Prefect API is at hand).
+    ``remember``: keep what was measured in the store (``store``, its root) once every check passed; ``plan``,
+    which writes nothing, passes False.
     """
-    probes = (_device, _model, _data, _prompts, lambda c: _gated(c, blocks), _overhead, _gpu,
-              lambda c: _disk(c, store))
+    pending: list = []
+    probes = (_device, lambda c: _model(c, store), _data, _prompts, lambda c: _gated(c, blocks),
+              lambda c: _overhead(c, store, pending), lambda c: _gpu(c, store, pending),
+              lambda c: _disk(c, store, pending))
     for probe in probes:  # cheap first; the tokenizer and the model config last
         problem = probe(cfg)
         if problem:
             raise ConfigError(f"invalid config: {problem}")
+    if remember and store is not None:
+        st = Store(store)
+        for key, data in pending:
+            st.write_memo(MEMO, key, data)

@@ -12,7 +12,8 @@ Prefect's log format on stderr:
 - warnings and errors (a bug keeps its traceback); with a Prefect server that has a UI, the run's ``View at`` URL.
 
 What it hides: progress bars of datasets / transformers / huggingface_hub, library FutureWarnings and
-DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), library loggers below ERROR
+DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), Liger's note that a CuTe DSL kernel
+cannot be imported (``liger_cutedsl_note``; in this process and in torchrun's ranks), library loggers below ERROR
 (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named 'kernels'", transformers' advice),
 Prefect's own INFO lines (temporary server start/stop, flow run begin/end), and the flow's copy of the failure that
 the CLI prints as its ``error:`` line. ``--verbose`` shows everything. The Prefect UI always gets every log line:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 # flash-attention 4's CUTLASS DSL, at each kernel's first call: "Argument aux_data (position 17) cannot be converted
@@ -43,6 +45,13 @@ QUIET_ENV = {
     "PYTHONWARNINGS": f"ignore::FutureWarning,ignore::DeprecationWarning,ignore:{CUTLASS_NOTE}:UserWarning",
 }
 QUIET_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl")
+# Liger 0.8.5 (liger_kernel/backends/registry.py) looks for the CuTe DSL version of a kernel when the op is first used
+# and, on a machine without NVIDIA's CUTLASS DSL, warns "Backend impl 'liger_kernel.ops.backends._cutedsl.rope' for op
+# 'rope' could not be imported: ModuleNotFoundError: ...". Nothing is missing: the train stage keeps Liger on its
+# Triton kernels (training.cuda.pin_liger_triton). Other backends' failures, and other errors, stay visible.
+LIGER_REGISTRY = "liger_kernel.backends.registry"
+_LIGER_CUTEDSL = re.compile(r"Backend impl 'liger_kernel\.ops\.backends\._cutedsl\.[\w.]+' for op '[\w.]+' could "
+                            r"not be imported: (ModuleNotFoundError|ImportError): ")
 _RETRY_PREFIX = "Task run failed with"  # Prefect's own retry / retries-exhausted lines (ours say it shorter)
 
 
@@ -89,6 +98,17 @@ def _transient(record: logging.LogRecord) -> bool:
     return exc is not None and is_transient(exc)
 
 
+def liger_cutedsl_note(record: logging.LogRecord) -> bool:
+    """Liger's CuTe DSL import note (``LIGER_REGISTRY``): logged in this process, or a rank's line as the launcher
+    passes it on to the stage's logger (``[rank 1] WARNING liger_kernel.backends.registry: Backend impl ...``)."""
+    if record.name == LIGER_REGISTRY:
+        return bool(_LIGER_CUTEDSL.match(record.getMessage()))
+    if record.name == "prefect.task_runs" and record.levelno == logging.WARNING:
+        rank = re.match(rf"\[rank \d+\] WARNING {re.escape(LIGER_REGISTRY)}: (.*)", record.getMessage())
+        return bool(rank and _LIGER_CUTEDSL.match(rank.group(1)))
+    return False
+
+
 class QuietConsole(logging.Filter):
     """The terminal's filter (Prefect's console handler only; the UI's handler sees everything)."""
 
@@ -97,6 +117,8 @@ class QuietConsole(logging.Filter):
         self.cli_prints_errors = cli_prints_errors
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if liger_cutedsl_note(record):  # nothing a user can act on (see LIGER_REGISTRY)
+            return False
         if record.name == "prefect.task_runs":  # a stage: its own lines, its end state, retries
             if str(record.msg).startswith(_RETRY_PREFIX):
                 # the retry line (INFO) repeats ours; "Retries are exhausted" (ERROR) repeats the end line, unless

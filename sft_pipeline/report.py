@@ -10,6 +10,8 @@ import base64
 import io
 import math
 
+from sft_pipeline import how_it_ran
+
 COLUMNS = ("step", "train_loss", "eval_loss", "learning_rate")
 LOSS_TABLE = ("Loss curve: train loss, eval loss and learning rate per step. Eval loss at step 0 is the base model's "
               "and at the last step the tuned model's (the evaluate stage); between them, what training evaluated")
@@ -282,26 +284,8 @@ def _train_section(tr: dict) -> list[str]:
 
 
 def _how_it_ran(tr: dict) -> str:
-    """The batch plan and speed settings the train stage chose (``trainer.build_trainer``'s metrics), in words."""
-    plan = tr.get("batch_plan") or {}
-    parts = []
-    if "per_device_batch_size" in plan:
-        micro, acc = plan["per_device_batch_size"], plan.get("gradient_accumulation_steps", 1)
-        ranks = f" on {plan['world_size']} GPUs" if plan.get("world_size", 1) > 1 else ""
-        how = "measured" if "measured_gib" in plan else "planned" if plan.get("auto") else "as the recipe sets"
-        parts.append(f"micro-batch {micro} x accumulation {acc}{ranks} ({how})")
-        layers = plan.get("checkpointed_layers")
-        parts.append(f"gradient checkpointing on {layers} layers" if layers else "gradient checkpointing"
-                     if plan.get("gradient_checkpointing") else "no gradient checkpointing")
-    if tr.get("attn_implementation"):
-        kernel = tr.get("attention_kernel")  # under varlen: PyTorch's or flash-attention 4's
-        shown = f" ({kernel})" if kernel not in (None, "torch") else ""
-        parts.append(f"attention {tr['attn_implementation']}{shown}")
-    if tr.get("liger"):
-        parts.append("Liger kernels")
-    if plan.get("dequantized_gib"):
-        parts.append(f"4-bit base kept dequantized (+{plan['dequantized_gib']:.1f} GiB)")
-    return ", ".join(parts)
+    """The batch plan and speed settings the train stage chose, in the words of its ``training settings`` line."""
+    return how_it_ran.describe(tr)
 
 
 def outcome(summary: dict) -> str:

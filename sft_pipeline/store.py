@@ -9,6 +9,7 @@ Layout under the store root::
     models/<fingerprint>/     base models built from a config or converted from a file, made once
     evaluate_base/<key>/      the base model's eval numbers, shared by runs that only retrain (tasks/evaluate.py)
     generate_base/<key>/      the base model's sample replies, the same way (tasks/generate.py)
+    preflight/<key>/          what the up-front checks measured once (a template's overhead, a model's sizes)
     runs/                     one summary per run (``sft-pipeline plan`` reads them for deleted artifacts)
     promoted/<recipe>.json    the promoted adapter of each recipe
 
@@ -602,7 +603,8 @@ STORE_MARKER = ".sft-pipeline-store"  # written into a store on first use; see S
 # what a store made before the marker existed can hold: such a directory is adopted (and marked)
 STORE_LAYOUT = {"authenticate", "data", "format", "train", "evaluate", "evaluate_base", "save_adapter", "generate",
                 "generate_base", "models", ".work", ".tmp", ".prefect", ".keys", ".locks", "runs", "promoted",
-                STORE_MARKER, "remote"}  # remote: the default caches of stores on object storage (default_cache)
+                STORE_MARKER, "remote",  # remote: the default caches of stores on object storage (default_cache)
+                "preflight", ".hashes"}  # .hashes: remembered file hashes (sft_pipeline/gguf.py)
 
 
 def _stage_dir(p: Path) -> bool:

@@ -12,9 +12,15 @@ Measured on the 16-core GPU machine (3,000 long conversations, ~4M tokens, BENCH
 single-threaded, plus fork and collection costs), vs 1.5M tok/s for the stage's earlier datasets.map. So one process
 is the default; ``num_proc`` > 1 cuts the rows into slices for forked workers, for templates whose Python rendering
 dominates. A small input is always encoded in this process.
+
+In one process the Rust tokenizer's threads are switched on for the encoding (``rust_threads``) whatever
+``TOKENIZERS_PARALLELISM`` says: the CLI sets it to false (a fork after the threads ran would print the library's
+warning), and with it the flow's format stage tokenized on one core (BENCHMARKS.md, *Issue 32*). The ids do not
+depend on the number of threads or processes: each conversation is encoded on its own, the rows stay in order.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -53,9 +59,33 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+@contextlib.contextmanager
+def rust_threads():
+    """The fast tokenizer encodes a batch on every core this process may use (its thread pool), then
+    ``TOKENIZERS_PARALLELISM`` is put back as it was (false keeps a later fork quiet: the library warns when a
+    process forks after its threads ran and the variable is unset)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def workers_for(rows: int, num_proc: int | None) -> int:
     """Processes worth starting for ``rows`` conversations: at most ``num_proc`` (None: the cores there are)."""
-    cap = num_proc or os.cpu_count() or 1
+    cap = num_proc or cores()
     return max(1, min(cap, rows // MIN_ROWS_PER_PROC))
 
 
@@ -79,7 +109,8 @@ def encode_chats(ds, tok, *, system_message: str | None, max_length: int, assist
                 masks=assistant_only_loss)
     try:
         if procs == 1:
-            tables = [_encode_slice(b) for b in bounds]
+            with rust_threads():
+                tables = [_encode_slice(b) for b in bounds]
         else:
             with mp.get_context("fork").Pool(procs, initializer=_worker_init) as pool:
                 tables = pool.map(_encode_slice, bounds, chunksize=1)

@@ -19,5 +19,6 @@ def planned_tokens(training, ids_parquet: str | Path) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    ids = pq.read_table(str(ids_parquet), columns=["input_ids"]).column("input_ids")
+    # one file: ParquetFile, not read_table, whose data-set machinery took 0.2 s of plan's 1 s here
+    ids = pq.ParquetFile(str(ids_parquet)).read(columns=["input_ids"]).column("input_ids")
     return training.planned_tokens(pc.list_value_length(ids).to_pylist())

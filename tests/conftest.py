@@ -93,6 +93,20 @@ def run_flow(store: Path, *overrides: str, recipe: str = "tiny", env: dict | Non
     return proc, data
 
 
+def prefect_servers(home: str | Path) -> list[int]:
+    """Pids of the Prefect servers running on the Prefect home ``home`` (a run's temporary one included)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"prefect.server.api.server:create_app" in cmdline or b"prefect\x00server\x00start" in cmdline:
+                if f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The CLI's one-line error message (Prefect's own log lines around it are not part of it)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

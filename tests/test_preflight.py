@@ -75,3 +75,43 @@ def test_cli_refuses_before_any_stage_with_one_line(tmp_path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "training.device=cuda" in line and "no usable CUDA device" in line
     assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_what_the_checks_measured_is_kept_for_later_commands(tmp_path):
+    """~15 s here. The chat template's overhead (a tokenizer) and the model's sizes (transformers' config) are
+    measured once and kept in the store: a later check in a fresh process imports neither transformers nor torch and
+    still refuses a max_length the template fills. plan's checks (remember=False) and a failed check write
+    nothing; a memo that was changed by hand is not believed."""
+    import subprocess
+    import sys
+
+    from sft_pipeline.store import Store
+    from tests.conftest import ROOT
+
+    store = tmp_path / "store"
+    preflight.check(load_config("tiny"), store, remember=False)  # plan
+    assert not store.exists()
+    with pytest.raises(ConfigError):
+        preflight.check(load_config("tiny", ["format.max_length=18"]), store)
+    assert not store.exists()
+    preflight.check(load_config("tiny"), store)
+    memos = sorted((store / preflight.MEMO).iterdir())
+    kept = [Store(store).read_memo(preflight.MEMO, m.name)[0] for m in memos]
+    assert sorted(next(iter(k["what"])) for k in kept) == ["overhead", "shape"]
+    assert [k["value"] for k in kept if "overhead" in k["what"]][0] > 18  # the measured overhead, in tokens
+
+    code = ("import sys\nfrom sft_pipeline import preflight\nfrom sft_pipeline.config import load_config\n"
+            "preflight.check(load_config('tiny'), sys.argv[1])\n"
+            "try:\n    preflight.check(load_config('tiny', ['format.max_length=18']), sys.argv[1])\n"
+            "except Exception as e:\n    print(e)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    child = subprocess.run([sys.executable, "-c", code, str(store)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "not longer than the chat template's own overhead" in child.stdout, child.stdout
+    assert child.stdout.strip().endswith("[]"), child.stdout  # nothing heavy imported
+
+    overhead = next(m for m, k in zip(memos, kept) if "overhead" in k["what"])
+    (overhead / "memo.json").write_text('{"what": {}, "value": 1}')  # changed by hand: measured again
+    with pytest.raises(ConfigError, match="own overhead"):
+        preflight.check(load_config("tiny", ["format.max_length=18"]), store)

@@ -134,21 +134,55 @@ def test_the_report_says_how_training_ran():
     page = report.markdown({**SUMMARY, "train": {**SUMMARY["train"], "batch_plan": measured, "liger": True,
                                                  "attn_implementation": "varlen",
                                                  "attention_kernel": "torch"}}, None, None)
-    assert ("- how it ran: micro-batch 8 x accumulation 2 (measured), no gradient checkpointing, attention varlen, "
-            "Liger kernels, 4-bit base kept dequantized (+9.6 GiB)") in page
+    assert ("- how it ran: micro-batch 8 x accumulation 2 = effective batch 16 (measured), no gradient checkpointing, "
+            "attention varlen, Liger kernels, 4-bit base kept dequantized (+9.6 GiB)") in page
     fa4 = report._how_it_ran({"batch_plan": measured, "attn_implementation": "varlen",
                               "attention_kernel": "flash-attn 4"})
     assert "attention varlen (flash-attn 4), 4-bit base" in fa4
     tight = {**measured, "per_device_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True,
-             "checkpointed_layers": 12, "dequantized_gib": None, "world_size": 2}
+             "checkpointed_layers": 12, "dequantized_gib": None, "world_size": 2, "effective_batch": 32}
     line = report._how_it_ran({"batch_plan": tight, "liger": False, "attn_implementation": "sdpa"})
-    assert line == "micro-batch 1 x accumulation 16 on 2 GPUs (measured), gradient checkpointing on 12 layers, " \
-                   "attention sdpa"
+    assert line == "micro-batch 1 x accumulation 16 x 2 GPUs = effective batch 32 (measured), gradient " \
+                   "checkpointing on 12 layers, attention sdpa"
     recipe = {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
               "auto": False}
     assert report._how_it_ran({"batch_plan": recipe}) == \
-        "micro-batch 2 x accumulation 4 (as the recipe sets), gradient checkpointing"
+        "micro-batch 2 x accumulation 4 = effective batch 8 (as the recipe sets), gradient checkpointing"
     assert "how it ran" not in report.markdown(SUMMARY, None, None)  # an older run's metrics: no line
+
+
+def test_the_training_settings_line_is_the_reports_sentence():
+    """The train stage's log line (``training settings: ...``) and the report's "how it ran" are one sentence, made
+    by one function: the memory a measured plan needs out of what the card has, the head and the optimizer, and no
+    raw dict. Memory figures only where they mean something: a tiny model's probe steps on a GPU gave a negative
+    per-row figure, which the line leaves out."""
+    from sft_pipeline.how_it_ran import describe
+
+    gpu = {"batch_plan": {"per_device_batch_size": 8, "gradient_accumulation_steps": 16,
+                          "gradient_checkpointing": False, "effective_batch": 128, "auto": True, "available_gib": 139.1, "need_gib": 63.1,
+                          "spare_gib": 62.0, "checkpointed_layers": 0, "measured_gib": {"1": 13.2, "2": 20.5},
+                          "per_seq_gib": 7.3, "fixed_gib": 4.4, "dequantized_gib": 9.6},
+           "liger": True, "optim": "adamw_torch_fused", "device": "cuda", "attn_implementation": "varlen",
+           "attention_kernel": "flash-attn 4", "head": "liger", "compile": False}
+    assert describe(gpu) == (
+        "micro-batch 8 x accumulation 16 = effective batch 128 (measured: needs 63.1 of 139.1 GiB), no gradient "
+        "checkpointing, attention varlen (flash-attn 4), Liger kernels, Liger's fused cross-entropy head, fused AdamW, "
+        "4-bit base kept dequantized (+9.6 GiB)")
+    assert describe(gpu) == report._how_it_ran(gpu)
+    tiny_gpu = {**gpu, "batch_plan": {**gpu["batch_plan"], "need_gib": 0.4, "per_seq_gib": -0.01, "fixed_gib": 0.42,
+                                      "dequantized_gib": None}}
+    line = describe(tiny_gpu)
+    assert "GiB" not in line and "-0" not in line and "(measured)" in line, line
+    estimated = {"batch_plan": {"per_device_batch_size": 4, "gradient_accumulation_steps": 2, "effective_batch": 8,
+                                "gradient_checkpointing": False, "auto": True, "free_gib": 70.4}, "head": "lean"}
+    assert describe(estimated) == ("micro-batch 4 x accumulation 2 = effective batch 8 (planned from 70.4 GiB free), "
+                                   "no gradient checkpointing, lean LM head (no per-token metrics)")
+    cpu = {"batch_plan": {"per_device_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+                          "effective_batch": 8, "auto": False}, "liger": False, "optim": "adamw_torch", "device": "cpu",
+           "attn_implementation": "sdpa", "head": "trl", "compile": False}
+    assert describe(cpu) == ("micro-batch 8 x accumulation 1 = effective batch 8 (as the recipe sets), no gradient "
+                             "checkpointing, attention sdpa")
+    assert describe({}) == ""
 
 
 def test_the_report_says_when_the_base_models_numbers_were_kept():

@@ -90,3 +90,68 @@ def test_planned_tokens_are_the_ids_training_reads(chats, tmp_path):
     assert planned_tokens(TrainingConfig(epochs=2), path) == 2 * cut
     capped = TrainingConfig(max_steps=3, per_device_batch_size=2, gradient_accumulation_steps=4)  # 24 rows
     assert planned_tokens(capped, path) == int(3 * 8 * cut / len(enc))
+
+
+FORMAT_STAGE = """
+import shutil, sys
+from flows.stages import BY_NAME
+from sft_pipeline.config import load_config
+from sft_pipeline.stage import Facts, execute
+from sft_pipeline.store import Store
+import logging
+store, log = Store(sys.argv[1]), logging.getLogger("test")
+cfg = load_config("tiny", ["data.synthetic_style=long", "data.synthetic_train_rows=400", "data.synthetic_test_rows=40",
+                           "format.max_length=1024", "format.system_message=''", "format.assistant_only_loss=true"])
+facts = Facts(cfg, blocks=False, store=store)
+data, _ = execute(BY_NAME["data"], cfg, store, {}, facts, log)
+shutil.rmtree(store.root / "format", ignore_errors=True)
+ref, reused = execute(BY_NAME["format"], cfg, store, {"data": data}, facts, log)
+assert not reused
+print(ref.fingerprint)
+"""
+
+
+def test_the_format_stage_writes_the_same_bytes_whatever_the_threads(tmp_path):
+    """~20-50 s here. The format stage's fingerprint is in every later stage's key, so its files must not depend on the
+    machine's cores: the stage (through the stage table and the store) run in processes whose Rust tokenizer has 1
+    thread, 4 threads, and its threads left off (TOKENIZERS_PARALLELISM=false, as the CLI sets it), gives one
+    fingerprint."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    prints = []
+    for env in ({"RAYON_NUM_THREADS": "1"}, {"RAYON_NUM_THREADS": "4"}, {"TOKENIZERS_PARALLELISM": "false"}):
+        child = subprocess.run([sys.executable, "-c", FORMAT_STAGE, str(tmp_path / "store")], cwd=ROOT,
+                               capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert child.returncode == 0, child.stderr[-3000:]
+        prints.append(child.stdout.split()[-1])
+    assert len(set(prints)) == 1, prints
+
+
+def test_the_tokenizers_threads_are_on_while_encoding_and_the_setting_is_put_back(chats, monkeypatch):
+    """In one process the encoding runs on the Rust tokenizer's threads whatever TOKENIZERS_PARALLELISM says (the
+    CLI's false kept the flow's format stage on one core), and the variable is as it was afterwards."""
+    import os
+
+    tok, ds = chats
+    seen = []
+    encode = tok.apply_chat_template
+
+    def recording(*a, **kw):
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return encode(*a, **kw)
+
+    monkeypatch.setattr(tok, "apply_chat_template", recording)
+    for before in ("false", None):
+        if before is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+        seen.clear()
+        tokenizing.encode_chats(ds.select(range(20)), tok, system_message="", max_length=256,
+                                assistant_only_loss=False)
+        assert seen and set(seen) == {"true"}
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == before

@@ -5,12 +5,11 @@ What each speed lever gave alone: BENCHMARKS.md (the "Issue 14" sections).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from typing import NamedTuple
 
-from sft_pipeline import base_weights, varlen
+from sft_pipeline import base_weights, how_it_ran, varlen
 from sft_pipeline.training import batch as batch_plan
 from sft_pipeline.training.batch import BatchPlan
 from sft_pipeline.training.job import Rank, TrainData, TrainJob
@@ -31,7 +30,6 @@ log = logging.getLogger("sft_pipeline.train")
 # lora.shared_dropout.
 SPEED = {"plan": "measure", "head": "auto", "compile": False, "cap": batch_plan.MICRO_CAP, "warm": True,
          "workers": 0, "lora_add": "addmm", "lora_a": "fused", "base": "auto", "attention": "auto"}
-SHOWN = ("batch_plan", "liger", "optim", "attn_implementation", "attention_kernel", "head", "compile")
 
 
 class Choices(NamedTuple):
@@ -227,4 +225,4 @@ def _finish(trainer, plan: BatchPlan, layers, metrics: dict, attention: str) -> 
     if attention == varlen.VARLEN:  # which kernel (chosen by the plan's probe steps if measured)
         metrics["attention_kernel"] = varlen.kernel_label()
     trainer.remove_callback(PrinterCallback)  # raw per-step dicts on stdout; sft_pipeline.progress logs one line
-    log.info("training settings: %s", json.dumps({k: metrics[k] for k in SHOWN if k in metrics}))
+    log.info("training settings: %s", how_it_ran.describe(metrics))  # the numbers: train_metrics.json
