@@ -151,3 +151,14 @@ def tiny_trainer_inputs(tiny_run, rows: int):
     tok = AutoTokenizer.from_pretrained(f"{chats}/tokenizer")
     model_dir = next(p for p in (store / "models").iterdir() if (p / "config.json").is_file())
     return ds, tok, model_dir
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    """A user's home-like directory: a project under .tmp (with a dash), a file, a dash-less dir."""
+    h = tmp_path / "home"
+    (h / ".tmp" / "my-project").mkdir(parents=True)
+    (h / ".tmp" / "my-project" / "thesis.tex").write_text("years of work")
+    (h / ".tmp" / "nodash").mkdir()
+    (h / "notes.txt").write_text("keep me")
+    return h

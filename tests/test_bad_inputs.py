@@ -22,7 +22,7 @@ from sft_pipeline import synthetic
 from sft_pipeline.errors import StageFailure, is_transient
 from sft_pipeline.cli import main
 from sft_pipeline.errors import HubUnreachable, explain_hub_error
-from sft_pipeline.store import Store
+from sft_pipeline.store import STORE_MARKER, Store
 from tests.conftest import ROOT, error_line, run_flow
 
 
@@ -61,6 +61,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def store(tmp_path) -> Path:
     """A store that already holds a finished artifact and a run summary."""
     root = tmp_path / "store"
+    Store(root).claim()
     with Store(root).write("data", "k" * 24, metrics={"rows": 1}) as tmp:
         (tmp / "train_sft.parquet").write_bytes(b"finished work")
     (root / "runs").mkdir()
@@ -68,9 +69,9 @@ def store(tmp_path) -> Path:
     return root
 
 
-# ----------------------------------------------------------------------------- config: exit 2, before any stage
+# ---------------------------------------------------- one table of bad input: exit 2, one line, before any stage
 def _recipe(text: str):
-    def make(tmp: Path) -> list[str]:
+    def make(tmp: Path, home: Path, store: Path) -> list[str]:
         (tmp / "mine.yaml").write_text(text)
         return ["--recipe", str(tmp / "mine.yaml")]
     return make
@@ -78,7 +79,7 @@ def _recipe(text: str):
 
 def _local_data(files: dict[str, int], *extra: str):
     """A directory of jsonl files (name -> valid rows) used as data.source=local."""
-    def make(tmp: Path) -> list[str]:
+    def make(tmp: Path, home: Path, store: Path) -> list[str]:
         for name, n in files.items():
             write_jsonl(tmp / "chats" / name, synthetic.conversations(n, seed=1))
         args = ["--set", "data.source=local", "--set", f"data.dataset={tmp / 'chats'}"]
@@ -89,10 +90,10 @@ def _local_data(files: dict[str, int], *extra: str):
 
 
 def _set(*items: str):
-    return lambda tmp: [a for i in items for a in ("--set", i)]
+    return lambda tmp, home, store: [a for i in items for a in ("--set", i)]
 
 
-def _no_cuda(tmp):
+def _no_cuda(tmp, home, store):
     import torch
 
     if torch.cuda.is_available():
@@ -137,8 +138,8 @@ CONFIG_CASES = [
      ["format.max_length=18 is not longer than the chat template's own overhead", "allowed values are above"]),
     ("unknown build architecture", _set("model.name=gpt2"), ["model.name must be one of", "tiny-mistral"]),
     # recipes and overrides
-    ("unknown recipe", lambda tmp: ["--recipe", "tinny"], ["unknown recipe 'tinny'", "did you mean 'tiny'"]),
-    ("recipe file not found", lambda tmp: ["--recipe", str(tmp / "nope.yaml")], ["recipe file not found"]),
+    ("unknown recipe", lambda tmp, home, store: ["--recipe", "tinny"], ["unknown recipe 'tinny'", "did you mean 'tiny'"]),
+    ("recipe file not found", lambda tmp, home, store: ["--recipe", str(tmp / "nope.yaml")], ["recipe file not found"]),
     ("malformed YAML recipe", _recipe("lora:\n  r: 4\n  alpha: [1, 2\ntraining: {}\n"),
      ["is not valid YAML", "line 4"]),
     ("recipe that is not a mapping", _recipe("- lora\n- training\n"), ["must be a mapping of sections"]),
@@ -146,9 +147,9 @@ CONFIG_CASES = [
     ("override value not YAML", _set("lora.target_modules=[q_proj"), ["value is not valid YAML"]),
     # the machine and the inputs the config names
     ("CUDA requested without CUDA", _no_cuda, ["training.device=cuda", "allowed here: auto, cpu"]),
-    ("local model directory missing", lambda tmp: ["--set", "model.source=local", "--set", f"model.name={tmp}/none"],
+    ("local model directory missing", lambda tmp, home, store: ["--set", "model.source=local", "--set", f"model.name={tmp}/none"],
      ["model.name: local model directory not found"]),
-    ("local data path missing", lambda tmp: ["--set", "data.source=local", "--set", f"data.dataset={tmp}/none"],
+    ("local data path missing", lambda tmp, home, store: ["--set", "data.source=local", "--set", f"data.dataset={tmp}/none"],
      ["data.dataset: local path not found"]),
     ("local data without the test split", _local_data({"train_sft.jsonl": 8}),
      ["data.test_split: no file for split 'test_sft'", "found: train_sft"]),
@@ -165,20 +166,119 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make_args, expected", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config_exits_2_and_leaves_the_store_alone(make_args, expected, store, tmp_path, capsys):
-    before = snapshot(store)
+CANARY = "CANARYx9f3c2d1e0b7a6"  # stands for a secret or a line of someone's file: must never be printed
+SHADOW = (f"root:$6$saltsalt${CANARY}hashhashhashhashhashhash:19700:0:99999:7:::\n"
+          "daemon:*:19700:0:99999:7:::\n"
+          f"alice:$y$j9T${CANARY}yescrypthashyescrypthash:19701:0:99999:7:::\n")
+
+
+def _bomb(levels: int = 6, width: int = 10) -> str:
+    """A one-line YAML alias bomb: ``width ** levels`` values from a few hundred bytes."""
+    parts = [f"&l0 [{', '.join(['x'] * width)}]"]
+    for i in range(1, levels):
+        parts.append(f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _file_as_recipe(text: str | bytes):
+    def make(tmp, home, store):
+        p = tmp / "elsewhere" / "not-a-recipe"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["--recipe", str(p)]
+    return make
+
+
+def _store_at(where):
+    return lambda tmp, home, store: ["--store", str(where(tmp, home, store))]
+
+
+def _file_store(tmp, home, store):
+    (tmp / "a-file").write_text("not a directory")
+    return tmp / "a-file"
+
+
+def _summary_dir(tmp, home, store):
+    (tmp / "out").mkdir(exist_ok=True)
+    return ["--summary-json", str(tmp / "out")]
+
+
+HOSTILE_CASES = [  # from a hostile or careless user (issue 11): data loss, secrets and files echoed, paths
+    # 1. data loss: a directory that is not a store is refused before anything is written or removed
+    ("home as the store", _store_at(lambda t, h, s: h), ["is not empty and is not an sft-pipeline store",
+                                                         STORE_MARKER]),
+    ("a file as the store", _store_at(_file_store), ["is not a directory"]),
+    ("a store under a file", _store_at(lambda t, h, s: _file_store(t, h, s) / "sub"), ["is not a directory"]),
+    # 2. what would promote a worse adapter, or evaluate on the training rows
+    ("max_steps 0", _set("training.max_steps=0"), ["training.max_steps: must be -1", "or at least 1, not 0"]),
+    ("test split = train split", _set("data.test_split=train_sft"),
+     ["data.test_split must differ from data.train_split"]),
+    ("a tiny test subset", _set("data.test_subset.count=3"), ["data.test_subset.count=3", "at least 8"]),
+    ("a tiny train subset", _set("data.train_subset.count=2"), ["data.train_subset.count=2", "at least 8"]),
+    ("a tiny synthetic test set", _set("data.synthetic_test_rows=4"), ["data.synthetic_test_rows",
+                                                                       "greater than or equal to 8"]),
+    ("evaluating fewer than 8 rows", _set("evaluation.max_samples=2"), ["evaluation.max_samples"]),
+    ("a margin of 1", _set("evaluation.promotion_margin=1"), ["evaluation.promotion_margin", "less than 1"]),
+    # 3. secrets pasted where names go; files that are not recipes
+    ("a token as the HF block name", _set(f"auth.hf_token_block=hf_{CANARY}"),
+     ["auth.hf_token_block: must be the name of a Prefect Secret block"]),
+    ("a W&B key as the W&B block name", _set(f"auth.wandb_key_block={'0123456789abcdef' * 2}{CANARY[-8:]}"),
+     ["auth.wandb_key_block: must be the name of a Prefect Secret block"]),  # 40 hex: a name by the pattern
+    ("a block name with a slash", _set("auth.hf_token_block=../hf-token"), ["auth.hf_token_block: must be the name"]),
+    ("a shadow-style file as the recipe", _file_as_recipe(SHADOW), ["is not a recipe: none of its top-level keys"]),
+    ("shadow lines in a recipe", _file_as_recipe("training: {max_steps: 5}\n" + SHADOW),
+     ["unknown keys that do not look like config keys (not shown)"]),
+    ("a key-value file as the recipe", _file_as_recipe(f"password: {CANARY}\napi key: {CANARY}\n"), ["is not a recipe"]),
+    ("a binary file as the recipe", _file_as_recipe(b"\x89PNG\r\n\x1a\n\xff\xfe" + CANARY.encode()), ["not UTF-8 text"]),
+    ("a long value from a recipe file", _file_as_recipe(f"training: {{learning_rate: '{CANARY * 4}'}}\n"),
+     ["training.learning_rate"]),
+    ("a huge file as the recipe", _file_as_recipe("# " + "x" * (1 << 20) + "\n"), ["is not a recipe", "bytes"]),
+    # 4. names that become path components
+    ("recipe name as a path", _set("recipe=/tmp/elsewhere/evil"), ["recipe must be a plain name"]),
+    ("recipe name climbing out", _set("recipe=../../evil"), ["recipe must be a plain name"]),
+    ("recipe name with dots", _set("recipe=a..b"), ["recipe must be a plain name"]),
+    ("split name as a path", _set("data.train_split=../../evil"), ["a split name must be a plain name"]),
+    ("summary path is a directory", _summary_dir, ["--summary-json", "is a directory: give a file path"]),
+    # 6. values that would fail later, every run; YAML that would blow up memory
+    ("infinite epochs", _set("training.epochs=.inf"), ["training.epochs", "finite number"]),
+    ("nan learning rate", _set("training.learning_rate=.nan"), ["training.learning_rate", "finite number"]),
+    ("negative seed", _set("training.seed=-1"), ["training.seed", "greater than or equal to 0"]),
+    ("seed above 2**32-1", _set("data.seed=4294967296"), ["data.seed", "less than or equal to 4294967295"]),
+    ("huge generation seed", _set("generation.seed=1099511627776"), ["generation.seed"]),
+    ("alias bomb in an override", _set(f"lora.target_modules={_bomb()}"),
+     ["expands to more than 100,000 values (YAML aliases): refused"]),
+    ("alias bomb in a recipe", _file_as_recipe(f"lora:\n  target_modules: {_bomb()}\n"),
+     ["expands to more than 100,000 values (YAML aliases): refused"]),
+]
+
+
+CASES = CONFIG_CASES + HOSTILE_CASES
+
+
+@pytest.mark.parametrize("make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(make_args, expected, tmp_path, home, store, capsys,
+                                                             monkeypatch):
+    """Every bad config value, recipe, path or name: exit code 2 before any stage, one line naming the field or the
+    file, no secret or file content echoed, and nothing in the test's directory (the store, a "home" beside it)
+    changed, byte for byte."""
+    monkeypatch.delenv("SFT_PIPELINE_STORE", raising=False)
+    args = make_args(tmp_path, home, store)
+    if "--store" not in args:
+        args = ["--store", str(store), *args]
+    before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        main(["run", "--store", str(store), *make_args(tmp_path)])
-    err = capsys.readouterr().err
+        main(["run", *args])
+    out, err = capsys.readouterr()
     assert exit_.value.code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err  # one clear line
     for text in expected:
         assert text in lines[0], (text, lines[0])
-    assert "hf_pasted_secret_value" not in err  # a value given in the wrong place is not echoed back
-    assert snapshot(store) == before
+    for secret in (CANARY, CANARY.lower(), "$6$", "hf_pasted_secret_value"):  # a value in the wrong place, unechoed
+        assert secret not in out + err, secret
+    assert snapshot(tmp_path) == before
     assert_intact(store, ["data"])
+    assert not Path("/tmp/elsewhere/evil.json").exists()
 
 
 def test_unknown_cli_option_exits_2(store, capsys):
