@@ -139,6 +139,24 @@ def smollm2_run(session_dir):
     return store, summary, proc
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+
+
+def tiny_lora_model(targets=LORA_TARGETS, dropout: float = 0.0, alpha: int = 16, vocab: int = 97, **config):
+    """The LoRA tests' model: a 2-layer Mistral (hidden 32) with random weights (seed 0) and LoRA r4 whose B is not
+    zero, so the adapters change the output; SDPA attention, on CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                                            **config))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=False,
+                                           target_modules=list(targets), task_type="CAUSAL_LM"))
+
+
 def tiny_trainer_inputs(tiny_run, rows: int):
     """What build_trainer takes from the shared tiny run (its first ``rows`` train rows, the tokenizer, the model
     directory), for tests that build the train stage's trainer themselves."""

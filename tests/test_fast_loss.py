@@ -12,10 +12,9 @@ import types
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.training.loss import fast_loss as _fast_loss
+from tests.conftest import tiny_lora_model
 
 
 class _Reference(torch.nn.Module):
@@ -58,13 +57,9 @@ def liger_stub(monkeypatch):
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    base = MistralForCausalLM(cfg)
-    base.config.use_cache = False
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    model = tiny_lora_model(["q_proj", "v_proj"], alpha=8, vocab=64, max_position_embeddings=64)
+    model.base_model.model.config.use_cache = False
+    return model
 
 
 def _trainer_self(peft_model, world: int = 1):

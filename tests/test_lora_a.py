@@ -9,17 +9,10 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.training.lora import fuse_lora_a as _fuse_lora_a, fuse_lora_add as _fuse_lora_add, \
     share_dropout as _share_dropout
-from tests.conftest import tiny_trainer_inputs
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
-
+from tests.conftest import LORA_TARGETS as TARGETS, tiny_lora_model, tiny_trainer_inputs
 
 def _model(dropout: float, fuse_a: bool):
-    torch.manual_seed(0)
-    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False,
-                                            target_modules=TARGETS))
+    model = tiny_lora_model(TARGETS, dropout)
     layers = model.base_model.model.model.layers
     _share_dropout(layers)
     _fuse_lora_add(model)

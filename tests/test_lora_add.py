@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.training.lora import fuse_lora_add as _fuse_lora_add
-from tests.conftest import tiny_trainer_inputs
+from tests.conftest import tiny_lora_model, tiny_trainer_inputs
 
 
 def _model(dropout: float):
-    torch.manual_seed(0)
-    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False,
-                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    return tiny_lora_model(["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], dropout)
 
 
 def _step(model, ids):

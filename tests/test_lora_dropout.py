@@ -2,21 +2,12 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import MistralConfig, MistralForCausalLM
 
 from sft_pipeline.training.lora import share_dropout as _share_dropout
-from tests.conftest import tiny_trainer_inputs
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
-
+from tests.conftest import LORA_TARGETS as TARGETS, tiny_lora_model, tiny_trainer_inputs
 
 def _model(dropout: float = 0.5):
-    torch.manual_seed(0)
-    base = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
-                                            init_lora_weights=False))  # B != 0: the adapters change the output
+    model = tiny_lora_model(TARGETS, dropout, alpha=8)
     return model, model.base_model.model.model.layers
 
 
