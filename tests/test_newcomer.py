@@ -274,3 +274,31 @@ def test_the_suite_leaves_nothing_in_tmp(tmp_path):
     assert session.parent == tmpdir and session.name.startswith("sft-tests-")
     assert seen["child_session"] == seen["session"] and Path(seen["child_tmp"]).is_relative_to(session)
     assert not session.exists() and not list(tmpdir.iterdir())
+
+
+def test_a_non_editable_install_has_every_package(tmp_path):
+    """`pip install .` (a Docker image, a GPU box) gets every package of the source tree, sft_pipeline.training and
+    the recipes included: the wheel built from pyproject.toml, imported from outside the checkout. ~15 s."""
+    src, wheel_dir = tmp_path / "src", tmp_path / "wheel"  # a copy: setuptools would reuse the checkout's build/
+    for top in ("flows", "tasks", "sft_pipeline"):
+        shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                           "-w", str(wheel_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import zipfile
+    (wheel,) = wheel_dir.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.parent.relative_to(ROOT)) for top in ("flows", "tasks", "sft_pipeline")
+                for p in (ROOT / top).rglob("__init__.py")}
+    assert packages and {f"{p}/__init__.py" for p in packages} <= names, sorted(packages - {
+        n.rsplit("/", 1)[0] for n in names})
+    assert {f"sft_pipeline/recipes/{p.name}" for p in (ROOT / "sft_pipeline" / "recipes").glob("*.yaml")} <= names
+    # the installed tree alone (not the checkout) imports the training stage and its package
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    code = "import tasks.train, sft_pipeline.training, sft_pipeline.config as c; print(tasks.train.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(unpacked)})
+    assert proc.returncode == 0 and proc.stdout.startswith(str(unpacked)), proc.stdout + proc.stderr[-3000:]
