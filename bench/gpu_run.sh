@@ -38,6 +38,21 @@ for what in "$@"; do
           --set benchmark.max_new_tokens=256 --set benchmark.batch_size=64 --summary-json "$OUT/sig2.json" \
           > "$OUT/sig2.log" 2>&1; echo "resumed run: exit code $?"; tail -14 "$OUT/sig2.log"
       python3 -c "import json; s = json.load(open('$OUT/sig2.json')); print({k: (v['state'], v['seconds']) for k, v in s['stages'].items()}, 'resumed_from_step', s.get('train', {}).get('resumed_from_step'))" ;;
+    format7b)  # issue 32: the format stage's seconds inside the flow, on the quarter job's data (2,600 + 575 long
+               # conversations): first on an empty store (the stand-in 7B base is built by the first stage that
+               # needs it: format), then again with the base built (format.system_message changed: format recomputes,
+               # the model's key does not); each run stopped with SIGTERM when training starts
+      for n in 1 2; do
+        extra=(); [ $n = 2 ] && extra=(--set "format.system_message=You are a helpful assistant.")
+        python3 -m sft_pipeline.cli run "${SEVEN[@]}" --store /dev/shm/store-fmt --set data.synthetic_train_rows=2600 \
+            --set data.synthetic_test_rows=575 "${extra[@]}" --summary-json "$OUT/fmt$n.json" > "$OUT/fmt$n.log" 2>&1 &
+        pid=$!
+        until grep -q "train: computing" "$OUT/fmt$n.log" 2>/dev/null || ! kill -0 $pid 2>/dev/null; do sleep 0.2; done
+        kill -TERM $pid; wait $pid
+        grep -E "^(data|format|train): (computing|reusing)|Finished in state|^error" "$OUT/fmt$n.log" | head -8
+        python3 -c "import json; s = json.load(open('$OUT/fmt$n.json')); print('run $n', {k: (v['state'], v['seconds']) for k, v in s['stages'].items() if k in ('authenticate', 'data', 'format')})"
+      done
+      du -sh /dev/shm/store-fmt/models ;;
     dpo) python3 -m bench.dpo --runs ${RUNS:-2} --out "$OUT" 2>&1 | tail -12 ;;
     tiny) python3 -m sft_pipeline.cli run --recipe tiny --store /dev/shm/store --set training.device=cuda \
             --summary-json "$OUT/summary-tiny-cuda.json" 2>&1 | tee "$OUT/tiny.log" | tail -25 ;;
