@@ -14,7 +14,8 @@ Prefect's log format on stderr:
 What it hides: progress bars of datasets / transformers / huggingface_hub, library FutureWarnings and
 DeprecationWarnings, flash-attention 4's compiler notes (``CUTLASS_NOTE``), Liger's note that a CuTe DSL kernel
 cannot be imported (``liger_cutedsl_note``; in this process and in torchrun's ranks), library loggers below ERROR
-(bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named 'kernels'", transformers' advice),
+(bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named 'kernels'", transformers' advice, the
+kernel hub's "Skipping publisher trust check ... offline mode"),
 Prefect's own INFO lines (temporary server start/stop, flow run begin/end), and the flow's copy of the failure that
 the CLI prints as its ``error:`` line. ``--verbose`` shows everything. The Prefect UI always gets every log line:
 only the terminal handler is filtered.
@@ -44,7 +45,10 @@ QUIET_ENV = {
     "DATASETS_VERBOSITY": "error",
     "PYTHONWARNINGS": f"ignore::FutureWarning,ignore::DeprecationWarning,ignore:{CUTLASS_NOTE}:UserWarning",
 }
-QUIET_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl")
+# kernels (Hugging Face's kernel hub, a need of transformers >= 5.25) warns offline, where this project's tests and
+# stand-ins run: "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face
+# Hub is in offline mode." (kernels 0.19.1; nothing a user can act on)
+QUIET_LOGGERS = ("bitsandbytes", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl", "kernels")
 # Liger 0.8.5 (liger_kernel/backends/registry.py) looks for the CuTe DSL version of a kernel when the op is first used
 # and, on a machine without NVIDIA's CUTLASS DSL, warns "Backend impl 'liger_kernel.ops.backends._cutedsl.rope' for op
 # 'rope' could not be imported: ModuleNotFoundError: ...". Nothing is missing: the train stage keeps Liger on its

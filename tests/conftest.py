@@ -26,12 +26,16 @@ _SESSION = next((m._SESSION for m in (sys.modules.get("conftest"), sys.modules.g
     Path(tempfile.mkdtemp(prefix="sft-tests-")))
 (_SESSION / "tmp").mkdir(exist_ok=True)
 os.environ.setdefault("SFT_TESTS_SESSION_OWNER", str(os.getpid()))  # the pytest process that made it removes it
+# under `pytest -n 2` (xdist) each worker has its own Prefect home and tiny run: two runs on one SQLite database, or
+# two workers' runs on one store, would race where the tests count servers, summaries or promotions
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_OWN = f"-{WORKER}" if WORKER else ""
 os.environ.update({
     "SFT_TESTS_SESSION": str(_SESSION),
     # what the session's processes put in the temporary folder (W&B's offline media and artifact folders, which
     # it leaves behind) goes with the session's directory
     "TMPDIR": str(_SESSION / "tmp"),
-    "PREFECT_HOME": str(_SESSION / "prefect-home"),
+    "PREFECT_HOME": str(_SESSION / f"prefect-home{_OWN}"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s is too short on 2 busy cores
     "HF_HUB_OFFLINE": "1",
@@ -46,6 +50,28 @@ os.environ.pop("PREFECT_API_URL", None)
 from flows.stages import STAGES as _TABLE  # noqa: E402 - after the environment above; imports no prefect
 
 STAGES = [s.name for s in _TABLE]  # the stage names in flow order, from the one table
+
+
+# Under xdist (`-n 2 --dist loadgroup`, README's command) a module's tests stay on one worker, so that its module
+# fixtures are built once; the modules that share the SmolLM2 run are one group. The longest groups go first, so that
+# the last one to start is a short one (seconds measured in CI, 2026-12-07; the rest keep their file order).
+_GROUPS = {"test_dpo": "smollm2", "test_smollm2": "smollm2"}
+_FIRST = ["smollm2", "test_deployments", "test_object_store", "test_resume", "test_multiprocess", "test_benchmark",
+          "test_training", "test_bad_inputs"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not WORKER:
+        return
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
+    rank = {g: i for i, g in enumerate(_FIRST)}
+
+    def group(item):
+        return next(m.args[0] for m in item.iter_markers("xdist_group"))
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within and after
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (a Prefect harness using PREFECT_HOME)
@@ -122,7 +148,7 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(session_dir):
     """The tiny recipe run once, end to end, through the CLI. Returns (store, summary, process)."""
-    store = session_dir / "store"
+    store = session_dir / f"store{_OWN}"
     proc, summary = run_flow(store)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return store, summary, proc

@@ -264,7 +264,8 @@ def test_the_suite_leaves_nothing_in_tmp(tmp_path):
     sft-tests-* directory in TMPDIR."""
     tmpdir, probe = tmp_path / "tmp", tmp_path / "probe.txt"
     tmpdir.mkdir()
-    fresh = {k: v for k, v in os.environ.items() if not k.startswith("SFT_TESTS_")}  # a session of its own
+    fresh = {k: v for k, v in os.environ.items()  # a session of its own, not an xdist worker's
+             if not k.startswith(("SFT_TESTS_", "PYTEST_XDIST_"))}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/test_newcomer.py::test_probe_session_dir_is_removed"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**fresh, "TMPDIR": str(tmpdir), "SFT_TESTS_PROBE": str(probe)})
@@ -284,7 +285,9 @@ def test_a_non_editable_install_has_every_package(tmp_path):
         shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+    import importlib.util
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]  # else from the index
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(src),
                            "-w", str(wheel_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import zipfile
