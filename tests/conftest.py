@@ -52,26 +52,44 @@ from flows.stages import STAGES as _TABLE  # noqa: E402 - after the environment 
 STAGES = [s.name for s in _TABLE]  # the stage names in flow order, from the one table
 
 
-# Under xdist (`-n 2 --dist loadgroup`, README's command) a module's tests stay on one worker, so that its module
-# fixtures are built once; the modules that share the SmolLM2 run are one group. The longest groups go first, so that
-# the last one to start is a short one (seconds measured in CI, 2026-12-07; the rest keep their file order).
-_GROUPS = {"test_dpo": "smollm2", "test_smollm2": "smollm2"}
-_FIRST = ["smollm2", "test_deployments", "test_object_store", "test_resume", "test_multiprocess", "test_benchmark",
+# `-m "not slow"` (the fast tier) leaves out every test that needs one of these (directly or through another
+# fixture): the shared tiny or SmolLM2 run, a Prefect or S3 server of its own (a minute or more each here)
+_SLOW_FIXTURES = {"tiny_run", "smollm2_run", "prefect", "s3"}
+# Under xdist (README's `-n 2 --dist loadfile --no-loadscope-reorder`) a module stays on one worker, so that its
+# module fixtures are built once, and modules are handed out in this order: the longest first (seconds in CI,
+# 2026-12-07), test_smollm2 last (it reuses the SmolLM2 run that test_dpo's worker made by then); the rest keep their
+# file order between.
+_FIRST = ["test_dpo", "test_deployments", "test_object_store", "test_resume", "test_multiprocess", "test_benchmark",
           "test_training", "test_bad_inputs"]
+_LAST = ["test_smollm2"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if not WORKER:
         return
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
-    rank = {g: i for i, g in enumerate(_FIRST)}
+    rank = {m: i for i, m in enumerate(_FIRST)} | {m: len(_FIRST) + 1 + i for i, m in enumerate(_LAST)}
 
-    def group(item):
-        return next(m.args[0] for m in item.iter_markers("xdist_group"))
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within and after
+    def module(item):
+        return Path(str(item.fspath)).stem
+    items.sort(key=lambda item: rank.get(module(item), len(_FIRST)))  # stable: file order within and between
+
+
+def _once(name: str, compute) -> tuple[subprocess.CompletedProcess, dict]:
+    """``compute()`` -> (process, summary) done once per session, also across xdist workers: the first caller runs it
+    under a lock and keeps its outcome in the session directory; a later caller (another worker) waits, then reads."""
+    from sft_pipeline.store import file_lock
+
+    kept = _SESSION / f"{name}.json"
+    with file_lock(_SESSION / f"{name}.lock"):
+        if not kept.exists():
+            proc, summary = compute()
+            kept.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                        "stderr": proc.stderr, "summary": summary}))
+    data = json.loads(kept.read_text())
+    return subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"]), data["summary"]
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (a Prefect harness using PREFECT_HOME)
@@ -160,7 +178,7 @@ def smollm2_run(session_dir):
     runs the DPO recipe on top of it). Returns (store, summary, process)."""
     store = session_dir / "smollm2-store"
     # 13.5 min measured at load 6-8, 32 min at load 8-17 (2026-12-02): more than run_flow's default 15
-    proc, summary = run_flow(store, recipe="smollm2-135m", timeout=3600)
+    proc, summary = _once("smollm2-run", lambda: run_flow(store, recipe="smollm2-135m", timeout=3600))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return store, summary, proc
 

@@ -359,6 +359,7 @@ FAST_RETRIES = ("import sys, flows.sft as f; f.RETRY_DELAYS = [0, 0, 0]; from sf
                 "sys.exit(main(sys.argv[1:]))")
 
 
+@pytest.mark.slow  # 31 s in CI here (2-core, 2026-12-07)
 def test_rejected_token_and_unreachable_hub(tmp_path):
     hub = FakeHub()
     store = tmp_path / "store"
@@ -409,6 +410,7 @@ def _chats_with_bad_rows(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # 39 s in CI here (2-core, 2026-12-07)
 def test_bad_rows_unreadable_files_and_a_full_disk(tmp_path):
     store = tmp_path / "store"
     chats = _chats_with_bad_rows(tmp_path / "chats")

@@ -69,6 +69,7 @@ def test_lean_head_gives_trls_loss(tmp_path):
 
 
 # ~30 s here (two small CPU compiles): the mechanism behind the 2-GPU first-step stall's fix
+@pytest.mark.slow  # 51 s in CI here (2-core, 2026-12-07)
 def test_mask_warm_up_leaves_flex_attention_compiled_for_any_length():
     """After ``_warm_masks`` a new, long packed length runs without compiling again (what a first step of 16,384
     tokens needs: compiled for that length alone it stalled for minutes on GPUs); one length alone is not enough."""

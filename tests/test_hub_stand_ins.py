@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import datasets
-
+import pytest
 from sft_pipeline import synthetic
 from tests.conftest import error_line, run_flow
 
@@ -24,6 +24,7 @@ def _local_ultrachat(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # 23 s in CI here (2-core, 2026-12-07)
 def test_local_model_and_local_parquet(tiny_run, tmp_path):
     store, _, _ = tiny_run
     model = _local_model(store, tmp_path / "model")

@@ -392,6 +392,7 @@ def test_what_the_config_accepts_today_still_loads():
 
 
 # ------------------------------------------------------------------------------------------- 7. Ctrl-C
+@pytest.mark.slow  # 21 s in CI here (2-core, 2026-12-07)
 def test_ctrl_c_stops_within_seconds_with_one_line_and_exit_130(tmp_path):
     """Takes ~1-3 min here: a tiny run long enough to be interrupted in training, SIGINT to its process group."""
     store, summary = tmp_path / "store", tmp_path / "summary.json"

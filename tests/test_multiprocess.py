@@ -225,6 +225,7 @@ def test_first_real_failure_names_the_rank():
 
 # ------------------------------------------------------------------------------------------------ with torchrun
 # ~30 s here idle, ~90 s with the 2 cores busy (two ranks: imports, 4-bit load, 40 steps)
+@pytest.mark.slow  # 41 s in CI here (2-core, 2026-12-07)
 def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
     logger, lines = _logger("two")
     t0 = time.time()
@@ -242,6 +243,7 @@ def test_two_ranks_train_the_tiny_recipe(tiny_inputs, tmp_path):
 
 
 # ~25 s here idle, ~2 min busy: 2 ranks until the checkpoint at step 4, SIGKILL, then 1 rank resumes to step 16
+@pytest.mark.slow  # 37 s in CI here (2-core, 2026-12-07)
 def test_a_killed_rank_fails_in_one_line_and_a_rerun_resumes_with_another_n(tiny_inputs, tmp_path):
     from sft_pipeline.training.checkpoints import SEALED
 
@@ -342,6 +344,7 @@ def _gone(pid: int) -> bool:
 
 # ~45 s here idle: 2 ranks train, one is frozen (SIGSTOP) so the other waits in a collective; the watchdog stops the
 # group after `stall_s` without progress, and the waiting rank's stack (faulthandler, SIGUSR1) is in the log first
+@pytest.mark.slow  # 39 s in CI here (2-core, 2026-12-07)
 def test_a_hung_group_is_stopped_by_the_watchdog_and_says_where_ranks_waited(tiny_inputs, tmp_path):
     job = _job(tiny_inputs, tmp_path, steps=400, save_steps=1000)
     work = Path(job.work)
@@ -384,6 +387,7 @@ def _free_port() -> int:
 
 # ~40 s here idle (10 s of it node 1 waiting for another attempt), ~90 s busy: two launcher processes ("nodes",
 # one rank each) meet through torchrun's c10d rendezvous
+@pytest.mark.slow  # 50 s in CI here (2-core, 2026-12-07)
 def test_two_nodes_through_the_c10d_rendezvous(tiny_inputs, tmp_path):
     publish = tmp_path / "store" / ".launch" / "job-1.json"
     node1 = subprocess.Popen([sys.executable, "-m", "sft_pipeline.launch", "node", "--publish", str(publish),
@@ -482,6 +486,7 @@ def test_scaling_bench_arguments_and_table():
 
 
 # ~25 s here idle: the bench's CPU dry run, 1 vs 2 processes; the same effective batch gives the same loss curve
+@pytest.mark.slow  # 37 s in CI here (2-core, 2026-12-07)
 def test_scaling_dry_run_same_effective_batch_same_losses(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--device", "cpu", "--tiny", "--gpus", "2",
                            "--runs", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -494,6 +499,7 @@ def test_scaling_dry_run_same_effective_batch_same_losses(tmp_path):
     assert "efficiency" in proc.stdout
 
 
+@pytest.mark.slow  # 67 s in CI here (2-core, 2026-12-07)
 def test_the_flow_trains_with_two_processes_and_one_process_reuses_it(tmp_path):
     """The tiny recipe through the CLI with two ranks (gloo), then again with one: the process count is not in the
     train key, so every stage is reused. ~2-3 min here."""

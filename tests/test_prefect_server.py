@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.conftest import cli, error_line, prefect_servers
 
 
@@ -22,6 +24,7 @@ def test_a_refused_run_leaves_no_server_behind(tmp_path):
     assert _gone(home)
 
 
+@pytest.mark.slow  # 15 s in CI here (2-core, 2026-12-07)
 def test_a_server_named_by_the_profile_is_the_one_used(tmp_path):
     """~10 s here. PREFECT_API_URL in the active Prefect profile (not the environment): the run talks to that server
     (here nothing listens there, so it fails saying so), and the temporary server started meanwhile is stopped."""

@@ -53,6 +53,7 @@ def test_eval_and_final_entries_log_no_train_line():
     assert lines.lines == ["train: 10 optimizer steps, resuming at step 4", "eval: step 10/10  eval loss 1.5"]
 
 
+@pytest.mark.slow  # 17 s in CI here (2-core, 2026-12-07)
 def test_progress_artifact_says_step_loss_and_eta_and_one_card_serves_every_attempt(tmp_path):
     # ~15 s here: prefect_test_harness starts a temporary server
     from prefect import flow, get_run_logger

@@ -94,6 +94,7 @@ def reference(tmp_path_factory):
     return store, summary
 
 
+@pytest.mark.slow  # 90 s in CI here (2-core, 2026-12-07)
 def test_sigkill_in_every_stage_resumes_where_it_stopped(reference, tmp_path):
     ref_store, ref = reference
     store, marker = tmp_path / "store", tmp_path / "reached"
@@ -150,6 +151,7 @@ def test_plan_names_the_changed_field(reference, tmp_path):
     assert not (ref_store / "train" / steps[3]["key"]).exists()  # nothing ran
 
 
+@pytest.mark.slow  # 25 s in CI here (2-core, 2026-12-07)
 def test_cuda_oom_falls_back_to_half_micro_batch(reference, tmp_path):
     ref_store, ref = reference
     store = tmp_path / "store"
@@ -180,6 +182,7 @@ def test_cuda_oom_falls_back_to_half_micro_batch(reference, tmp_path):
     assert max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta) < 1e-2
 
 
+@pytest.mark.slow  # 21 s in CI here (2-core, 2026-12-07)
 def test_data_errors_fail_once_and_transient_errors_are_retried(tmp_path):
     # a data set whose rows mostly lack an assistant turn: an error only the data stage can see (not the config)
     from sft_pipeline import synthetic
@@ -200,6 +203,7 @@ def test_data_errors_fail_once_and_transient_errors_are_retried(tmp_path):
     assert list(summary["stages"]) == ["authenticate", "data"]
 
 
+@pytest.mark.slow  # 30 s in CI here (2-core, 2026-12-07)
 def test_prefect_flow_run_retry_resumes_a_failed_run(reference, tmp_path):
     ref_store, _ = reference
     store, out = tmp_path / "store", tmp_path / "summary.json"
@@ -217,6 +221,7 @@ def test_prefect_flow_run_retry_resumes_a_failed_run(reference, tmp_path):
     assert states(summary) == {**{s: "Cached" for s in STAGES[:-1]}, "generate": "Completed"}
 
 
+@pytest.mark.slow  # 30 s in CI here (2-core, 2026-12-07)
 def test_two_runs_at_once_compute_each_stage_once(tmp_path):
     store = tmp_path / "store"
     procs = [start(store, tmp_path / f"run{i}.json") for i in (0, 1)]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, run_flow
 
 CANARIES = {
@@ -37,6 +39,7 @@ def files_containing(roots: list[Path], needles: dict[str, str]) -> dict[str, li
     return found
 
 
+@pytest.mark.slow  # 44 s in CI here (2-core, 2026-12-07)
 def test_canary_secrets_appear_nowhere(tmp_path):
     home, store, wandb_home = tmp_path / "prefect-home", tmp_path / "store", tmp_path / "wandb-home"
     env = {

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, STAGES, run_flow, tiny_trainer_inputs
 
 
@@ -69,6 +71,7 @@ def test_rerun_is_all_cached(tiny_run):
     assert summary["adapter"] == first["adapter"]
 
 
+@pytest.mark.slow  # 50 s in CI here (2-core, 2026-12-07)
 def test_lora_rank_reruns_only_train_and_after(tiny_run):
     store, first, _ = tiny_run
 

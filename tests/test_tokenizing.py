@@ -111,6 +111,7 @@ print(ref.fingerprint)
 """
 
 
+@pytest.mark.slow  # 19 s in CI here (2-core, 2026-12-07)
 def test_the_format_stage_writes_the_same_bytes_whatever_the_threads(tmp_path):
     """~20-50 s here. The format stage's fingerprint is in every later stage's key, so its files must not depend on the
     machine's cores: the stage (through the stage table and the store) run in processes whose Rust tokenizer has 1
