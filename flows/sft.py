@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
 
 from flows.stages import STAGES
-from sft_pipeline import health, preflight, progress, promote, quiet, report
+from sft_pipeline import health, preflight, promote, quiet, report, stop_marks
 from sft_pipeline.config import Overrides, PipelineConfig, RecipeName, load_config
 from sft_pipeline.errors import (ConfigError, StageError, StageFailure, TrainingInterrupted, failure_message,
                                  is_transient)
@@ -293,7 +293,7 @@ def stopped(flow, flow_run, state) -> None:  # these names: Prefect passes them 
     stage = next((n for n, r in stages.items() if r.get("state") in ("Running", "Interrupted")), None)
     checkpoint = None
     if stage == "train" and stages[stage].get("key"):
-        checkpoint = progress.newest_checkpoint(root / ".work" / "train" / stages[stage]["key"])
+        checkpoint = stop_marks.newest_checkpoint(root / ".work" / "train" / stages[stage]["key"])
     if checkpoint:
         resume = f"checkpoint-{checkpoint[0]} kept; {again} resumes from step {checkpoint[0]:,}"
     elif stage == "train":
@@ -311,7 +311,7 @@ def stopped(flow, flow_run, state) -> None:  # these names: Prefect passes them 
         st.push(found[0])
     flow_run_logger(run).info("%s%s: %s", how, f" during {stage}" if stage else " before any stage", resume)
     with get_client(sync_client=True) as client:
-        progress.mark_stopped(client, run.id, f"{how}: {resume}")
+        stop_marks.mark_stopped(client, run.id, f"{how}: {resume}")
     _publish_markdown(run.id, report.markdown(summary, None, None), _artifact_key("report", summary["recipe"]),
                       report.outcome(summary))
 

@@ -6,9 +6,8 @@ progress artifact exists only inside a Prefect flow or task run; anywhere else (
 process started by torchrun) the callback just logs. The artifact's description is what the UI's card shows
 (``step 20/50 · loss 2.35 · ETA 0:11:10 · checkpoint-20 saved``); its value is the bar's percentage.
 
-``mark_stopped`` and ``newest_checkpoint`` serve a run that was stopped from outside (the flow's cancellation and
-crash hooks, which run in the worker after the flow's process is gone): the card says where training stopped and
-which sealed checkpoint a Retry resumes from.
+What a run stopped from outside needs (its card marked stopped, the checkpoint a Retry resumes from) is in
+``sft_pipeline.stop_marks``, which the flow's hooks import without transformers.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 UPDATE_SECONDS = 5.0  # between logging steps the card is refreshed at most this often (one API call each)
-SEALED = "sft-pipeline-complete"  # the train stage's seal of a complete checkpoint (its checkpoints module's SEALED)
 
 
 def _eta(seconds: float) -> str:
@@ -194,35 +192,3 @@ def _earlier_card(ctx) -> str | None:
                                            type=ArtifactFilterType(any_=["progress"])),
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_run.name])) if task_run else None)
     return found[-1].id if found else None
-
-
-def newest_checkpoint(work: Path) -> tuple[int, Path] | None:
-    """The newest sealed checkpoint in a train work dir (``<store>/.work/train/<key>``): what training resumes from.
-
-    Only looks (a seal's file hashes are checked, and a damaged checkpoint removed, when training resumes)."""
-    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in Path(work).glob("checkpoint-*")
-             if p.name.rsplit("-", 1)[1].isdigit() and (p / SEALED).is_file()]
-    return max(found) if found else None
-
-
-def mark_stopped(client, flow_run_id, why: str) -> int:
-    """Say on every unfinished progress card of a flow run that training stopped, and why; returns how many.
-
-    ``client``: a sync Prefect client. The bar keeps the percentage it reached; the description becomes
-    ``stopped at step 23/50 · loss 2.1 · Cancelled: checkpoint-20 kept, Retry resumes there`` (its step and loss
-    from what the card said last)."""
-    from prefect.client.schemas.actions import ArtifactUpdate
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
-
-    cards = client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
-    marked = 0
-    for card in cards:
-        if isinstance(card.data, (int, float)) and card.data >= 100:
-            continue  # that training finished
-        said = (card.description or "").removeprefix("stopped at ").split(" · ")
-        where = [p for p in said if p.startswith(("step ", "loss "))]
-        text = " · ".join(["stopped at " + where[0]] + where[1:] if where else ["stopped"]) + f" · {why}"
-        client.update_artifact(card.id, ArtifactUpdate(description=text))
-        marked += 1
-    return marked

@@ -305,3 +305,12 @@ def test_a_non_editable_install_has_every_package(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(unpacked)})
     assert proc.returncode == 0 and proc.stdout.startswith(str(unpacked)), proc.stdout + proc.stderr[-3000:]
+
+
+def test_the_flows_import_without_the_ml_libraries():
+    """A cached rerun and a cancel's hooks import the flows; torch, transformers and peft would cost them seconds
+    (5 s of a cached rerun of tiny here, issue 32): only the stages that compute import them."""
+    code = ("import sys, flows.sft, flows.dpo, sft_pipeline.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]

@@ -61,7 +61,7 @@ def test_progress_artifact_says_step_loss_and_eta_and_one_card_serves_every_atte
     from prefect.testing.utilities import prefect_test_harness
     from transformers import TrainerState, TrainingArguments
 
-    from sft_pipeline.progress import mark_stopped
+    from sft_pipeline.stop_marks import mark_stopped
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
 
@@ -137,7 +137,7 @@ def test_the_card_is_refreshed_between_logging_steps_at_most_every_few_seconds(m
 
 
 def test_newest_sealed_checkpoint(tmp_path):
-    from sft_pipeline.progress import SEALED, newest_checkpoint
+    from sft_pipeline.stop_marks import SEALED, newest_checkpoint
 
     from sft_pipeline.training.checkpoints import SEALED as TRAIN_SEAL  # the train stage's seal file
     assert SEALED == TRAIN_SEAL
