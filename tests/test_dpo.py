@@ -1,7 +1,7 @@
 """DPO after SFT (issue #29): the DPO flow reuses the SFT stages, learns the preferences, resumes, drops bad rows.
 
 - SmolLM2 (a real pretrained chat model, offline): the smollm2-135m-dpo recipe on the store of the session's
-  smollm2-135m run (conftest's ``smollm2_run``): its seven SFT stages come back Cached, held-out reward accuracy
+  smollm2-135m run (conftest's ``smollm2_run``): its eight SFT stages come back Cached, held-out reward accuracy
   rises above 0.5, the adapter reloads with plain peft in a fresh process.
 - tiny-dpo (the tiny random-weight model: cheap): killed by SIGKILL mid-DPO, the same command resumes from the
   checkpoint and ends with the adapter of an uninterrupted run; bad preference rows dropped and counted per reason;
