@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh flow7b N    # the whole flow on the random-weight Mistral-7B architecture, N steps
 #   bash bench/gpu_run.sh sigterm7b   # SIGTERM in the 7B recipe's training: seconds to a checkpoint and exit; resume
 #   bash bench/gpu_run.sh dpo         # python -m bench.dpo: DPO training tok/s of the 7B QLoRA path
+#   bash bench/gpu_run.sh format7b    # the format stage's seconds in the 7B flow, with and without the stand-in's build
 #   bash bench/gpu_run.sh levers      # issue 14's LoRA-glue levers: the default against peft's forward and masks
 #                                     # and each lever alone, alternating (~8 min)
 #   bash bench/gpu_run.sh job         # issue 14's item 4: the seed's whole job at its size (10,400 + 2,300
