@@ -89,7 +89,8 @@ def _once(name: str, compute) -> tuple[subprocess.CompletedProcess, dict]:
             kept.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
                                         "stderr": proc.stderr, "summary": summary}))
     data = json.loads(kept.read_text())
-    return subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"]), data["summary"]
+    proc = subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"])
+    return proc, data["summary"]
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (a Prefect harness using PREFECT_HOME)

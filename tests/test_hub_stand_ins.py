@@ -6,6 +6,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+
 from sft_pipeline import synthetic
 from tests.conftest import error_line, run_flow
 

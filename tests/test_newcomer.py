@@ -1,6 +1,7 @@
 """A newcomer's first hour: a quiet terminal, adapters that load after the store moved, no litter under /tmp."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -285,12 +287,10 @@ def test_a_non_editable_install_has_every_package(tmp_path):
         shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    import importlib.util
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]  # else from the index
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(src),
                            "-w", str(wheel_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import zipfile
     (wheel,) = wheel_dir.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {str(p.parent.relative_to(ROOT)) for top in ("flows", "tasks", "sft_pipeline")
